@@ -1,0 +1,254 @@
+"""Typed run configuration: defaults, presets, YAML files and `key=value` overrides.
+
+`Config` is the single source of truth. A preset is a YAML file under `presets/`; a user YAML
+file and command-line overrides are applied on top, in that order. Every value is converted to
+its field's type and validated in `__post_init__`, so a bad key or value is one clear error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "presets"
+METHODS = ("base", "lora", "full")
+TRAINING_METHODS = ("lora", "full")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+SCHEDULES = ("linear", "cosine", "constant")
+# Keys that may legitimately differ between arms: the report does not call them confounds.
+METHOD_KEYS = ("method",)
+
+
+class ConfigError(ValueError):
+    """A user-caused configuration problem; the CLI prints it as one line."""
+
+
+@dataclass
+class Config:
+    # What to train on.
+    model: str = "Qwen/Qwen2.5-1.5B-Instruct"
+    dataset: str = "yahma/alpaca-cleaned"
+    dataset_split: str = "train"
+    dataset_config: str | None = None
+    name: str | None = None
+    output_dir: str | None = None
+    method: str = "lora"
+    methods: list[str] = field(default_factory=lambda: ["lora", "full"])
+    # Data.
+    max_seq_len: int = 256
+    train_on_prompt: bool = False
+    val_fraction: float = 0.02
+    test_fraction: float = 0.02
+    limit: int | None = None
+    seed: int = 42
+    num_workers: int = 0
+    # Optimization (the reference's values are the defaults).
+    epochs: int = 3
+    batch_size: int = 4
+    grad_accum: int = 16
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    warmup_steps: int = 100
+    lr_schedule: str = "linear"
+    max_grad_norm: float = 1.0
+    max_steps: int | None = None
+    precision: str = "auto"
+    device: str = "auto"
+    # LoRA (ignored by other methods).
+    lora_r: int = 8
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    # Evaluation.
+    eval_every: int = 0
+    eval_batch_size: int = 8
+    eval_train_examples: int | None = None
+    gen_examples: int = 32
+    gen_max_new_tokens: int = 64
+    gen_batch_size: int = 16
+    log_every: int = 1
+    save_checkpoints: bool = True
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), _field_types()[f.name]))
+        self._validate()
+
+    def _validate(self) -> None:
+        _one_of("method", self.method, METHODS)
+        for m in self.methods:
+            _one_of("methods", m, TRAINING_METHODS)
+        if len(set(self.methods)) != len(self.methods) or not self.methods:
+            raise ConfigError(f"config key 'methods': {self.methods} must be non-empty, no repeats")
+        _one_of("precision", self.precision, PRECISIONS)
+        _one_of("device", self.device, DEVICES)
+        _one_of("lr_schedule", self.lr_schedule, SCHEDULES)
+        positive = ("max_seq_len", "epochs", "batch_size", "grad_accum", "eval_batch_size")
+        positive += ("gen_batch_size", "log_every", "lora_r")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key '{key}': must be >= 1, got {getattr(self, key)}")
+        nonneg = ("weight_decay", "warmup_steps", "max_grad_norm", "eval_every", "num_workers")
+        nonneg += ("gen_examples", "gen_max_new_tokens", "lr", "lora_alpha")
+        for key in nonneg:
+            if getattr(self, key) < 0:
+                raise ConfigError(f"config key '{key}': must be >= 0, got {getattr(self, key)}")
+        for key in ("limit", "max_steps", "eval_train_examples"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"config key '{key}': must be >= 1 or null, got {value}")
+        for key in ("val_fraction", "test_fraction", "lora_dropout"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(
+                    f"config key '{key}': must be in [0, 1), got {getattr(self, key)}"
+                )
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ConfigError("config keys 'val_fraction' + 'test_fraction' must be below 1")
+        if not self.lora_target_modules:
+            raise ConfigError("config key 'lora_target_modules': name at least one module")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> Config:
+        return Config(**{**self.to_dict(), **changes})
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(Config)
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(allowed)}")
+
+
+def _coerce(key: str, value: Any, kind: Any) -> Any:
+    """Convert a YAML or command-line value to the field's declared type, or raise ConfigError."""
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # `T | None`
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            return None
+        kind = next(a for a in args if a is not type(None))
+        args = typing.get_args(kind)
+    if typing.get_origin(kind) is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return [_coerce(key, v, args[0]) for v in value]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
+    try:
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind is str:
+            if isinstance(value, (dict, list)) or value is None:
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        name = getattr(kind, "__name__", str(kind))
+        raise ConfigError(f"config key '{key}': expected {name}, got {value!r}") from None
+    return value
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found: pass an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {path}{where}: not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of key: value at the top level")
+    return data
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`["lr=1e-4", "full.lr=2e-5"]` -> `{"lr": 1e-4, "full.lr": 2e-5}` (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. lr=1e-4")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def _check_keys(values: dict[str, Any], where: str) -> None:
+    known = {f.name for f in dataclasses.fields(Config)}
+    for key in values:
+        base = key.split(".", 1)[1] if "." in key and key.split(".")[0] in METHODS else key
+        if base not in known:
+            close = [k for k in sorted(known) if base.replace("-", "_") == k or base in k]
+            hint = f" (did you mean {close[0]}?)" if close else " (see `tuneoff train --help`)"
+            raise ConfigError(f"{where}: unknown config key '{key}'{hint}")
+
+
+def resolve(
+    preset: str | None = None,
+    config_file: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> tuple[Config, dict[str, dict[str, Any]]]:
+    """Preset, then YAML file, then overrides. Returns the config and per-arm overrides
+    (`full.lr=2e-5` applies to the full arm only; the report lists it as a confound)."""
+    values: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in preset_names():
+            raise ConfigError(
+                f"unknown preset {preset!r}: choose one of {', '.join(preset_names())}"
+            )
+        values.update(read_yaml(PRESET_DIR / f"{preset}.yaml"))
+    if config_file is not None:
+        file_values = read_yaml(config_file)
+        _check_keys(file_values, f"config file {config_file}")
+        values.update(file_values)
+    if overrides:
+        _check_keys(overrides, "command line")
+        values.update(overrides)
+    per_arm: dict[str, dict[str, Any]] = {}
+    for key in [k for k in values if "." in k]:
+        arm, sub = key.split(".", 1)
+        per_arm.setdefault(arm, {})[sub] = values.pop(key)
+    cfg = Config(**values)
+    for arm, arm_values in per_arm.items():
+        arm_cfg = cfg.replace(**arm_values)  # validate now, not when the arm starts
+        per_arm[arm] = {k: getattr(arm_cfg, k) for k in arm_values}
+    return cfg, per_arm
+
+
+def write_yaml(cfg: Config, path: Path, header: str = "") -> None:
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    path.write_text(header + text)

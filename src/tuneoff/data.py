@@ -1,0 +1,348 @@
+"""Data: load records, split them once for every arm, tokenize with prompt masking, and batch.
+
+Records are dicts in the alpaca schema (instruction, input, output) or prompt/completion pairs.
+The split is made on raw records with a seeded permutation and written to `splits/` with a
+content hash, so every arm of a comparison reads the very same examples. Labels are built here,
+never by a collator: prompt tokens are -100 (unless `train_on_prompt`), the response ends with
+EOS and EOS is supervised even when the pad token equals EOS.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tuneoff.config import Config
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100
+EMBEDDED_DATASET = "embedded:synthetic"
+EMBEDDED_DATASET_SIZE = 5000
+SPLITS = ("train", "val", "test")
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task{with_input}. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+)
+
+
+class DataError(ValueError):
+    """A user-caused data problem; the CLI prints it as one line."""
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool
+
+
+# --------------------------------------------------------------------------- loading records
+
+
+def load_records(source: str, split: str = "train", config_name: str | None = None) -> list[dict]:
+    """Records from the embedded generator, a local file, or a hub dataset id."""
+    if source == EMBEDDED_DATASET:
+        from tuneoff.embedded import generate_records
+
+        return generate_records(EMBEDDED_DATASET_SIZE, seed=0)
+    path = Path(source).expanduser()
+    if path.is_file() or path.suffix.lower() in (".json", ".jsonl", ".csv", ".parquet"):
+        records = _load_file(path)
+    else:  # a hub id, or a local dataset directory (a clone of a hub repository)
+        records = _load_hub(source, split, config_name)
+    if not records:
+        raise DataError(f"dataset {source}: no records found; check the file or --dataset")
+    check_schema(records, source)
+    return records
+
+
+def _load_file(path: Path) -> list[dict]:
+    if not path.exists():
+        raise DataError(
+            f"dataset file {path} not found: pass an existing .json/.jsonl/.csv/.parquet file"
+        )
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            return _read_jsonl(path)
+        if suffix == ".json":
+            return _read_json(path)
+        if suffix == ".csv":
+            with path.open(newline="", encoding="utf-8") as fh:
+                return [dict(row) for row in csv.DictReader(fh)]
+        if suffix == ".parquet":
+            return _read_parquet(path)
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"dataset file {path}: cannot be read ({err})") from None
+    raise DataError(
+        f"dataset file {path}: unsupported type {suffix}; use .json, .jsonl, .csv, .parquet"
+    )
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except pyarrow.ArrowException as err:
+        raise DataError(f"dataset file {path}: not a readable parquet file ({err})") from None
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    records = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(
+                    f"dataset file {path} line {lineno}: malformed JSON ({err.msg}); fix the line"
+                ) from None
+            if not isinstance(record, dict):
+                raise DataError(f"dataset file {path} line {lineno}: expected a JSON object")
+            records.append(record)
+    return records
+
+
+def _read_json(path: Path) -> list[dict]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        if text.lstrip().startswith("{") and "\n{" in text:  # JSON lines saved as .json
+            return _read_jsonl(path)
+        raise DataError(
+            f"dataset file {path} line {err.lineno}: malformed JSON ({err.msg}); fix it"
+        ) from None
+    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+        data = next(iter(data.values()))  # {"train": [...]} style
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise DataError(f"dataset file {path}: expected a JSON list of objects")
+    return data
+
+
+def _load_hub(source: str, split: str, config_name: str | None) -> list[dict]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(source, config_name, split=split)
+    except (FileNotFoundError, ConnectionError, OSError, ValueError) as err:
+        first = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        raise DataError(
+            f"dataset {source!r} could not be loaded from the hub or found locally ({first}); "
+            "offline, download it elsewhere and pass the file: --dataset ./data.json"
+        ) from None
+    return [dict(r) for r in ds]
+
+
+def check_schema(records: list[dict], source: str) -> str:
+    """Return 'alpaca' or 'prompt' for the records' schema, or raise a DataError naming the gap."""
+    first = records[0]
+    if "instruction" in first and "output" in first:
+        kind, needed = "alpaca", ("instruction", "output")
+    elif "prompt" in first and "completion" in first:
+        kind, needed = "prompt", ("prompt", "completion")
+    else:
+        raise DataError(
+            f"dataset {source}: record 1 has columns {sorted(first)}; expected instruction/input/"
+            "output (alpaca) or prompt/completion; rename the columns"
+        )
+    for i, record in enumerate(records, 1):
+        for key in needed:
+            if not isinstance(record.get(key), str):
+                raise DataError(
+                    f"dataset {source}: record {i} has no text in column {key!r}; fix or remove it"
+                )
+    return kind
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def split_records(records: list[dict], cfg: Config) -> dict[str, list[dict]]:
+    """Deterministic, disjoint train/val/test split by a seeded permutation of the records."""
+    if cfg.limit is not None:
+        records = records[: cfg.limit]
+    order = list(range(len(records)))
+    random.Random(cfg.seed).shuffle(order)
+    n_test = round(len(records) * cfg.test_fraction)
+    n_val = round(len(records) * cfg.val_fraction)
+    if (cfg.test_fraction and not n_test) or (cfg.val_fraction and not n_val):
+        raise DataError(
+            f"dataset has {len(records)} records: too few for val_fraction={cfg.val_fraction} "
+            f"and test_fraction={cfg.test_fraction}; use more records or larger fractions"
+        )
+    test, val, train = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
+    return {
+        name: [records[i] for i in sorted(idx)] for name, idx in zip(SPLITS, (train, val, test))
+    }
+
+
+def split_identity(cfg: Config) -> dict[str, Any]:
+    """What determines the split: two runs with equal identities share one `splits/`."""
+    keys = ("dataset", "dataset_split", "dataset_config", "limit", "seed")
+    return {k: getattr(cfg, k) for k in keys + ("val_fraction", "test_fraction")}
+
+
+def write_splits(splits: dict[str, list[dict]], directory: Path, cfg: Config) -> dict[str, Any]:
+    directory.mkdir(parents=True, exist_ok=True)
+    manifest: dict[str, Any] = {"identity": split_identity(cfg), "files": {}}
+    for name, records in splits.items():
+        path = directory / f"{name}.jsonl"
+        body = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
+        path.write_text(body, encoding="utf-8")
+        digest = hashlib.sha256(body.encode("utf-8")).hexdigest()
+        manifest["files"][name] = {"records": len(records), "sha256": digest}
+    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def read_splits(directory: Path) -> tuple[dict[str, list[dict]], dict[str, Any]]:
+    """Read `splits/` back, verifying each file against the hash in its manifest."""
+    manifest = json.loads((directory / "manifest.json").read_text())
+    splits = {}
+    for name, info in manifest["files"].items():
+        body = (directory / f"{name}.jsonl").read_bytes()
+        if hashlib.sha256(body).hexdigest() != info["sha256"]:
+            raise DataError(f"{directory / name}.jsonl does not match its hash in manifest.json")
+        splits[name] = [json.loads(line) for line in body.decode("utf-8").splitlines()]
+    return splits, manifest
+
+
+def prepare_splits(cfg: Config, directory: Path, records: list[dict] | None = None) -> dict:
+    """Write `splits/` unless it exists; if it exists, it must come from the same data settings.
+    `records` (already loaded) saves loading the dataset twice."""
+    if (directory / "manifest.json").is_file():
+        manifest = json.loads((directory / "manifest.json").read_text())
+        if manifest["identity"] != split_identity(cfg):
+            raise DataError(
+                f"{directory} was made with other data settings ({manifest['identity']}); "
+                "use another --output-dir or the same dataset/seed/fractions"
+            )
+        return manifest
+    if records is None:
+        records = load_records(cfg.dataset, cfg.dataset_split, cfg.dataset_config)
+    return write_splits(split_records(records, cfg), directory, cfg)
+
+
+# --------------------------------------------------------------------------- tokenization
+
+
+def user_message(record: dict) -> str:
+    if "instruction" in record:
+        extra = (record.get("input") or "").strip()
+        return record["instruction"].strip() + (f"\n\n{extra}" if extra else "")
+    return record["prompt"]
+
+
+def response_text(record: dict) -> str:
+    return record["output"] if "output" in record else record["completion"]
+
+
+def prompt_text(record: dict, tokenizer: Any) -> str:
+    """The chat template when the tokenizer has one, else the Alpaca template."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": user_message(record)}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if "instruction" not in record:
+        return record["prompt"]
+    extra = (record.get("input") or "").strip()
+    return ALPACA_PROMPT.format(
+        with_input=", paired with an input that provides further context" if extra else "",
+        instruction=record["instruction"].strip(),
+        input_block=f"### Input:\n{extra}\n\n" if extra else "",
+    )
+
+
+def eos_id(tokenizer: Any) -> int:
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no EOS token; set tokenizer.eos_token in its config")
+    return tokenizer.eos_token_id
+
+
+def prompt_ids(record: dict, tokenizer: Any) -> list[int]:
+    return tokenizer(prompt_text(record, tokenizer), add_special_tokens=False)["input_ids"]
+
+
+def tokenize(record: dict, tokenizer: Any, cfg: Config) -> Example | None:
+    """Prompt + response + EOS, cut at `max_seq_len` from the end of the response.
+    Returns None when the prompt leaves no room for a single response token."""
+    prompt = prompt_ids(record, tokenizer)
+    response = tokenizer(response_text(record), add_special_tokens=False)["input_ids"]
+    response = response + [eos_id(tokenizer)]
+    room = cfg.max_seq_len - len(prompt)
+    if room < 1:
+        return None
+    truncated = len(response) > room
+    response = response[:room]
+    prompt_labels = list(prompt) if cfg.train_on_prompt else [IGNORE] * len(prompt)
+    return Example(prompt + response, prompt_labels + response, truncated)
+
+
+def tokenize_split(
+    records: list[dict], tokenizer: Any, cfg: Config
+) -> tuple[list[Example], dict[str, int]]:
+    examples, dropped = [], 0
+    for record in records:
+        example = tokenize(record, tokenizer, cfg)
+        if example is None:
+            dropped += 1
+        else:
+            examples.append(example)
+    counts = {
+        "examples": len(examples),
+        "truncated": sum(e.truncated for e in examples),
+        "dropped": dropped,
+    }
+    return examples, counts
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example of the batch (never to max_seq_len)."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def epoch_batches(n_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The shuffled batches of one epoch: a function of (seed, epoch) only, so every arm and
+    every resumed run sees the same order. The last, smaller batch is kept."""
+    gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order = torch.randperm(n_examples, generator=gen).tolist()
+    return [order[i : i + batch_size] for i in range(0, n_examples, batch_size)]
+
+
+def eval_batches(
+    examples: list[Example], batch_size: int, pad_id: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    for i in range(0, len(examples), batch_size):
+        yield collate(examples[i : i + batch_size], pad_id)
+
+
+def supervised_tokens(labels: torch.Tensor) -> int:
+    """Tokens that count toward the loss: labels at positions 1.. (each predicted from t - 1)."""
+    return int((labels[:, 1:] != IGNORE).sum())

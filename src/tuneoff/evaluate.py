@@ -1,0 +1,141 @@
+"""Evaluation: loss, perplexity, token accuracy, bits per token, and generation exact match.
+
+Every metric is over supervised tokens only, with the shift done right: the logits at position t
+predict the label at t + 1. (The reference compared unshifted positions, which is why its token
+accuracy read 0.009 at perplexity 3.6.) Forward passes are timed apart from generation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tuneoff.data import IGNORE, prompt_ids, response_text
+from tuneoff.measure import Stopwatch
+
+
+def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy in nats over supervised tokens (logits at t predict label t + 1).
+
+    Training divides it by the supervised tokens of its whole accumulation window, so that
+    accumulation 4 x batch 1 and batch 4 give the same update."""
+    shift_logits = logits[:, :-1, :].float()
+    return F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
+    )
+
+
+@torch.no_grad()
+def token_stats(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
+    """(summed cross-entropy in nats, correct argmax predictions, supervised tokens)."""
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != IGNORE
+    correct = int(((logits[:, :-1, :].argmax(-1) == shift_labels) & mask).sum())
+    return float(loss_sum(logits, labels)), correct, int(mask.sum())
+
+
+def summarize(total_loss: float, correct: int, tokens: int) -> dict[str, float]:
+    loss = total_loss / tokens if tokens else float("nan")
+    return {
+        "loss": loss,
+        "perplexity": math.exp(loss) if loss < 700 else float("inf"),
+        "token_accuracy": correct / tokens if tokens else float("nan"),
+        "bits_per_token": loss / math.log(2),
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    device: str,
+    autocast: AbstractContextManager | None = None,
+) -> dict[str, float]:
+    """Metrics over every batch; `tokens_per_s` counts non-padding tokens of forward passes only."""
+    was_training = model.training
+    model.eval()
+    watch = Stopwatch(device)
+    total_loss, correct, supervised, seen = 0.0, 0, 0, 0
+    batches = list(batches)
+    if device == "cuda" and batches:  # one untimed pass: CUDA start-up is not throughput
+        first = batches[0]
+        model(
+            input_ids=first["input_ids"].to(device),
+            attention_mask=first["attention_mask"].to(device),
+        )
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with watch, autocast or nullcontext():
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
+        part_loss, part_correct, part_tokens = token_stats(logits, batch["labels"])
+        total_loss += part_loss
+        correct += part_correct
+        supervised += part_tokens
+        seen += int(batch["attention_mask"].sum())
+    model.train(was_training)
+    return {
+        **summarize(total_loss, correct, supervised),
+        "supervised_tokens": supervised,
+        "tokens": seen,
+        "eval_time_s": watch.total_s,
+        "tokens_per_s": seen / watch.total_s if watch.total_s else float("nan"),
+    }
+
+
+@torch.no_grad()
+def generate_answers(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    records: list[dict],
+    device: str,
+    max_new_tokens: int,
+    batch_size: int,
+) -> tuple[list[str], dict[str, float]]:
+    """Greedy answers to each record's prompt (left-padded batches), and generation timing."""
+    was_training = model.training
+    model.eval()
+    watch = Stopwatch(device)
+    answers, new_tokens = [], 0
+    pad = tokenizer.pad_token_id
+    for start in range(0, len(records), batch_size):
+        prompts = [prompt_ids(r, tokenizer) for r in records[start : start + batch_size]]
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        with watch:
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        for row in out[:, width:].tolist():
+            if tokenizer.eos_token_id in row:
+                row = row[: row.index(tokenizer.eos_token_id) + 1]
+            new_tokens += len(row)
+            answers.append(tokenizer.decode(row, skip_special_tokens=True))
+    model.train(was_training)
+    timing = {
+        "generation_time_s": watch.total_s,
+        "generated_tokens": new_tokens,
+        "generation_tokens_per_s": new_tokens / watch.total_s if watch.total_s else float("nan"),
+    }
+    return answers, timing
+
+
+def exact_match(records: list[dict], answers: list[str]) -> float:
+    """Share of answers equal to the reference response, whitespace stripped at both ends."""
+    hits = sum(a.strip() == response_text(r).strip() for r, a in zip(records, answers))
+    return hits / len(records) if records else float("nan")

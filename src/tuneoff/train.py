@@ -1,0 +1,491 @@
+"""One training loop for every method, and `run_arm`, which trains and evaluates one arm.
+
+The loop reads top to bottom: accumulation windows of micro-batches, the loss of a window
+normalized by the supervised tokens of the whole window, clip, step, schedule, log, validate.
+Methods differ only in `prepare_model`; the base arm has no trainable weights and skips the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from tuneoff import measure
+from tuneoff.config import Config, write_yaml
+from tuneoff.data import (
+    IGNORE,
+    Example,
+    collate,
+    epoch_batches,
+    read_splits,
+    supervised_tokens,
+    tokenize_split,
+)
+from tuneoff.evaluate import evaluate, exact_match, generate_answers, loss_sum
+from tuneoff.model import (
+    Runtime,
+    choose_runtime,
+    count_parameters,
+    load_model,
+    load_tokenizer,
+    prepare_model,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that a resumed run needs; saved as JSON in each checkpoint."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken
+    epoch_times_s: list[float] = field(default_factory=list)
+    tokens: int = 0
+    supervised_tokens: int = 0
+    slots: int = 0  # tokens + padding
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Config, device: str) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(
+        params,
+        lr=cfg.lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_eps,
+        weight_decay=cfg.weight_decay,
+        fused=device == "cuda",
+    )
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int) -> Any:
+    """Linear warmup over `warmup_steps`, then linear decay to 0 at the last step (or cosine
+    decay, or constant)."""
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[
+            cfg.lr_schedule
+        ],
+        optimizer,
+        num_warmup_steps=cfg.warmup_steps,
+        num_training_steps=total_steps,
+    )
+
+
+def plan_steps(n_examples: int, cfg: Config, world_size: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps). The last partial window is kept."""
+    batches = math.ceil(n_examples / cfg.batch_size)
+    per_epoch = math.ceil(batches / (cfg.grad_accum * world_size))
+    total = per_epoch * cfg.epochs
+    return per_epoch, min(total, cfg.max_steps) if cfg.max_steps else total
+
+
+def epoch_windows(n_examples: int, cfg: Config, epoch: int, rank: int, world: int) -> list:
+    """This process's micro-batches of one epoch, grouped by accumulation window. Each entry is
+    (example indices, supervised). A process left without a batch in the last window gets a
+    copy of another's with supervision off, since DDP needs every process in each backward."""
+    batches = epoch_batches(n_examples, cfg.batch_size, cfg.seed, epoch)
+    size = cfg.grad_accum * world
+    out = []
+    for start in range(0, len(batches), size):
+        window = batches[start : start + size]
+        mine = [(b, True) for b in window[rank::world]] or [(window[0], False)]
+        out.append(mine)
+    return out
+
+
+def make_loader(examples: list[Example], micro: list, pad_id: int, cfg: Config, device: str):
+    """Collates micro-batches in `num_workers` background processes (capped at the CPU count)."""
+    workers = min(cfg.num_workers, os.cpu_count() or 1)
+
+    def load(item: tuple[list[int], bool]) -> dict[str, torch.Tensor]:
+        idx, supervised = item
+        batch = collate([examples[i] for i in idx], pad_id)
+        if not supervised:
+            batch["labels"] = torch.full_like(batch["labels"], IGNORE)
+        return batch
+
+    return torch.utils.data.DataLoader(
+        micro,
+        batch_size=None,
+        collate_fn=load,
+        num_workers=workers,
+        pin_memory=device == "cuda",
+        multiprocessing_context="fork" if workers and os.name == "posix" else None,
+    )
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def run_window(model, accelerator, micro_batches: list[dict[str, torch.Tensor]]) -> float:
+    """Forward and backward over one accumulation window; returns the window's mean loss.
+
+    Each micro-batch's summed loss is divided by the supervised tokens of the whole window
+    (over all processes), so the gradient is the mean over every supervised token."""
+    local = sum(supervised_tokens(b["labels"]) for b in micro_batches)
+    total = int(accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum"))
+    window_loss = 0.0
+    for i, batch in enumerate(micro_batches):
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        last = i == len(micro_batches) - 1
+        with accelerator.no_sync(model) if not last else _null():
+            with accelerator.autocast():
+                logits = model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                ).logits
+            part = loss_sum(logits, batch["labels"])
+            # DDP averages gradients over processes; multiply back so the window is one mean.
+            accelerator.backward(part * accelerator.num_processes / max(total, 1))
+        window_loss += float(part.detach())
+    return window_loss / max(local, 1)
+
+
+def _null():
+    from contextlib import nullcontext
+
+    return nullcontext()
+
+
+def train(
+    model: torch.nn.Module,
+    accelerator: Any,
+    data: dict[str, list[Example]],
+    cfg: Config,
+    arm_dir: Path,
+    pad_id: int,
+    resume: bool,
+) -> dict[str, Any]:
+    """Train `model` in place; returns timing and token counts. Writes metrics.jsonl and
+    a checkpoint at each epoch end."""
+    device = accelerator.device.type
+    rank, world = accelerator.process_index, accelerator.num_processes
+    per_epoch, total_steps = plan_steps(len(data["train"]), cfg, world)
+    optimizer = make_optimizer(model, cfg, device)
+    scheduler = make_scheduler(optimizer, cfg, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = TrainState()
+    if resume and (arm_dir / "checkpoint" / "state.json").is_file():
+        state = load_checkpoint(arm_dir / "checkpoint", model, optimizer, scheduler, accelerator)
+        log.info("resuming after epoch %d, step %d", state.epoch, state.step)
+    metrics_log = MetricsLog(arm_dir / "metrics.jsonl", keep_until_step=state.step)
+    bar = tqdm(
+        total=total_steps,
+        initial=state.step,
+        desc=cfg.method,
+        unit="step",
+        disable=not accelerator.is_main_process,
+        dynamic_ncols=True,
+        mininterval=0.5 if sys.stderr.isatty() else 30,
+    )
+    watch = measure.Stopwatch(device)
+    model.train()
+    for epoch in range(state.epoch, cfg.epochs):
+        if state.step >= total_steps:
+            break
+        epoch_start = watch.total_s
+        schedule = epoch_windows(len(data["train"]), cfg, epoch, rank, world)
+        loader = iter(
+            make_loader(data["train"], [m for w in schedule for m in w], pad_id, cfg, device)
+        )
+        for window in schedule:
+            if state.step >= total_steps:
+                break
+            with watch:
+                step_start = time.perf_counter()
+                _maybe_inject_oom(cfg, state.step)
+                micro = [next(loader) for _ in window]
+                loss = run_window(model, accelerator, micro)
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                if not accelerator.optimizer_step_was_skipped:
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_s = time.perf_counter() - step_start
+            state.step += 1
+            tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+            state.tokens += tokens
+            state.supervised_tokens += sum(supervised_tokens(b["labels"]) for b in micro)
+            state.slots += sum(b["input_ids"].numel() for b in micro)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / step_s:,.0f}")
+            if state.step % cfg.log_every == 0 or state.step == total_steps:
+                metrics_log.write(
+                    {
+                        "event": "train",
+                        "step": state.step,
+                        "epoch": epoch + 1,
+                        "loss": loss,
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": float(grad_norm),
+                        "tokens_per_s": tokens / step_s,
+                        "time_s": watch.total_s,
+                        "memory_gib": measure.peak_memory_gib(measure.measure_memory(device)),
+                    }
+                )
+            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps:
+                metrics_log.eval(model, data["val"], cfg, device, pad_id, state.step, epoch + 1)
+        state.epoch = epoch + 1
+        state.epoch_times_s.append(watch.total_s - epoch_start)
+        metrics_log.eval(model, data["val"], cfg, device, pad_id, state.step, epoch + 1)
+        if cfg.save_checkpoints and accelerator.is_main_process:
+            save_checkpoint(arm_dir / "checkpoint", model, optimizer, scheduler, accelerator, state)
+        _maybe_interrupt(state.epoch)
+    bar.close()
+    return _training_summary(state, total_steps, per_epoch)
+
+
+def _training_summary(state: TrainState, total: int, per_epoch: int) -> dict:
+    """Training-only figures: evaluation, checkpointing and start-up are not in the times."""
+    train_s = sum(state.epoch_times_s)  # includes epochs done before a resume
+    epochs = state.step / per_epoch if per_epoch else 0.0
+    return {
+        "optimizer_steps": state.step,
+        "planned_steps": total,
+        "steps_per_epoch": per_epoch,
+        "epochs_completed": epochs,
+        "time_per_epoch_s": train_s / epochs if epochs else float("nan"),
+        "epoch_times_s": state.epoch_times_s,
+        "train_time_s": train_s,
+        "train_tokens": state.tokens,
+        "train_supervised_tokens": state.supervised_tokens,
+        "train_tokens_per_s": state.tokens / train_s if train_s else float("nan"),
+        "train_supervised_tokens_per_s": state.supervised_tokens / train_s if train_s else 0.0,
+        "padding_fraction": 1 - state.tokens / state.slots if state.slots else 0.0,
+    }
+
+
+class MetricsLog:
+    """The per-step log `metrics.jsonl`; on resume, lines after the checkpoint are dropped."""
+
+    def __init__(self, path: Path, keep_until_step: int) -> None:
+        self.path = path
+        kept = []
+        if keep_until_step and path.is_file():
+            lines = path.read_text().splitlines()
+            kept = [line for line in lines if json.loads(line)["step"] <= keep_until_step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, row: dict[str, Any]) -> None:
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def eval(self, model, examples, cfg, device, pad_id, step: int, epoch: int) -> None:
+        batches = (
+            collate(examples[i : i + cfg.eval_batch_size], pad_id)
+            for i in range(0, len(examples), cfg.eval_batch_size)
+        )
+        result = evaluate(model, batches, device)
+        self.write({"event": "eval", "split": "val", "step": step, "epoch": epoch, **result})
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(
+    path: Path, model, optimizer, scheduler, accelerator, state: TrainState
+) -> None:
+    """Trainable weights, optimizer state and RNG in safetensors, the rest in JSON (no pickle).
+    Written to a temporary directory and renamed, so a crash never leaves half a checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    unwrapped = accelerator.unwrap_model(model)
+    weights = {
+        n: p.detach().contiguous() for n, p in unwrapped.named_parameters() if p.requires_grad
+    }
+    save_file(weights, tmp / "trainable.safetensors")
+    opt = optimizer.state_dict()
+    tensors = {
+        f"{pid}.{k}": v.contiguous()
+        for pid, s in opt["state"].items()
+        for k, v in s.items()
+        if torch.is_tensor(v)
+    }
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    save_file(tensors, tmp / "optimizer.safetensors")
+    scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+    meta = {
+        "train_state": asdict(state),
+        "param_groups": opt["param_groups"],
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler,
+    }
+    (tmp / "state.json").write_text(json.dumps(meta, indent=1, default=str))
+    if path.exists():
+        for f in path.iterdir():
+            f.unlink()
+        path.rmdir()
+    tmp.rename(path)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, accelerator) -> TrainState:
+    unwrapped = accelerator.unwrap_model(model)
+    weights = load_file(path / "trainable.safetensors", device=str(accelerator.device))
+    missing = set(weights) - {n for n, _ in unwrapped.named_parameters()}
+    if missing:
+        raise ValueError(f"checkpoint {path} has weights this model lacks: {sorted(missing)[:3]}")
+    unwrapped.load_state_dict(weights, strict=False)
+    meta = json.loads((path / "state.json").read_text())
+    tensors = load_file(path / "optimizer.safetensors", device=str(accelerator.device))
+    torch.set_rng_state(tensors.pop("rng.cpu").cpu())
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors.pop("rng.cuda").cpu())
+    tensors.pop("rng.cuda", None)
+    opt_state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        pid, name = key.split(".", 1)
+        opt_state.setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
+    scheduler.load_state_dict(meta["scheduler"])
+    if meta["scaler"] is not None and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(meta["scaler"])
+    return TrainState(**meta["train_state"])
+
+
+# --------------------------------------------------------------------------- test hooks
+
+
+def _maybe_inject_oom(cfg: Config, step: int) -> None:
+    """TUNEOFF_TEST_OOM=<method>: raise a CUDA-style OOM in that arm (tests the 'oom' row)."""
+    if os.environ.get("TUNEOFF_TEST_OOM") == cfg.method and step == 0:
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated by TUNEOFF_TEST_OOM)")
+
+
+def _maybe_interrupt(epochs_done: int) -> None:
+    """TUNEOFF_TEST_INTERRUPT_AFTER_EPOCH=k: stop as if killed after epoch k's checkpoint."""
+    if os.environ.get("TUNEOFF_TEST_INTERRUPT_AFTER_EPOCH") == str(epochs_done):
+        raise KeyboardInterrupt
+
+
+# --------------------------------------------------------------------------- one arm
+
+
+def run_arm(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
+    """Train (method 'base': only evaluate) one arm in this process and write its outputs:
+    config.yaml, metrics.jsonl, summary.json, generations.jsonl, adapter/ or model/."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    started = time.perf_counter()
+    runtime = choose_runtime(cfg)
+    log.info("device %s, precision %s (%s)", runtime.device, runtime.precision, runtime.reason)
+    accelerator = Accelerator(cpu=runtime.device == "cpu", mixed_precision=runtime.mixed_precision)
+    arm_dir = run_dir / cfg.method
+    arm_dir.mkdir(parents=True, exist_ok=True)
+    write_yaml(cfg, arm_dir / "config.yaml")
+    tokenizer = load_tokenizer(cfg.model)
+    splits, manifest = read_splits(run_dir / "splits")
+    data, counts = {}, {}
+    for name, records in splits.items():
+        data[name], counts[name] = tokenize_split(records, tokenizer, cfg)
+    set_seed(cfg.seed)
+    model = load_model(cfg.model)
+    set_seed(cfg.seed)  # adapters are initialized from this seed in every arm
+    model = prepare_model(model, cfg)
+    summary = _summary_head(cfg, runtime, model, counts, manifest, accelerator)
+    measure.reset_peak_memory(runtime.device)
+    try:
+        if cfg.method != "base":
+            summary["training"] = train(
+                model, accelerator, data, cfg, arm_dir, tokenizer.pad_token_id, resume
+            )
+            summary["memory"] = measure.measure_memory(runtime.device)  # the training peak
+        else:
+            model = accelerator.prepare(model)
+        summary["metrics"] = _evaluate_splits(model, data, cfg, runtime, tokenizer.pad_token_id)
+        summary["generation"] = _generation(model, tokenizer, splits["test"], cfg, runtime, arm_dir)
+        summary["outputs"] = _save_outputs(accelerator.unwrap_model(model), tokenizer, cfg, arm_dir)
+        summary["status"] = "ok"
+    except torch.OutOfMemoryError as err:
+        log.error("%s arm ran out of memory: %s", cfg.method, str(err).splitlines()[0])
+        summary["status"], summary["error"] = "oom", str(err).splitlines()[0]
+        summary["memory"] = measure.measure_memory(runtime.device)  # reached before the OOM
+    summary["memory_overall"] = measure.measure_memory(runtime.device)  # evaluation included
+    summary.setdefault("memory", summary["memory_overall"])
+    summary["total_time_s"] = time.perf_counter() - started
+    if accelerator.is_main_process:
+        (arm_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _summary_head(cfg, runtime: Runtime, model, counts, manifest, accelerator) -> dict[str, Any]:
+    return {
+        "status": "running",
+        "method": cfg.method,
+        "config": cfg.to_dict(),
+        "runtime": {
+            **measure.describe_device(runtime.device),
+            "precision": runtime.precision,
+            "precision_reason": runtime.reason,
+            "world_size": accelerator.num_processes,
+            "dataloader_workers": 0,
+        },
+        "versions": measure.measure_versions(),
+        "git_sha": measure.git_sha(),
+        "params": count_parameters(model),
+        "data": {
+            "splits": counts,
+            "split_sha256": {k: v["sha256"] for k, v in manifest["files"].items()},
+        },
+    }
+
+
+def _evaluate_splits(model, data, cfg: Config, runtime: Runtime, pad_id: int) -> dict[str, Any]:
+    """Loss, perplexity, token accuracy, bits/token per split. The train split is measured on a
+    fixed seeded sample as large as val (or `eval_train_examples`), to keep evaluation cheap."""
+    n_train = cfg.eval_train_examples or max(len(data["val"]), 1)
+    pick = sorted(
+        random.Random(cfg.seed).sample(range(len(data["train"])), min(n_train, len(data["train"])))
+    )
+    subsets = {"train": [data["train"][i] for i in pick], "val": data["val"], "test": data["test"]}
+    out = {}
+    for name, examples in subsets.items():
+        batches = (
+            collate(examples[i : i + cfg.eval_batch_size], pad_id)
+            for i in range(0, len(examples), cfg.eval_batch_size)
+        )
+        out[name] = {**evaluate(model, batches, runtime.device), "examples": len(examples)}
+    return out
+
+
+def _generation(model, tokenizer, records, cfg: Config, runtime: Runtime, arm_dir: Path) -> dict:
+    """Greedy answers on the first `gen_examples` test records; exact match against references."""
+    records = records[: cfg.gen_examples]
+    if not records:
+        return {"examples": 0}
+    answers, timing = generate_answers(
+        model, tokenizer, records, runtime.device, cfg.gen_max_new_tokens, cfg.gen_batch_size
+    )
+    with (arm_dir / "generations.jsonl").open("w") as fh:
+        for record, answer in zip(records, answers):
+            fh.write(json.dumps({"record": record, "answer": answer}, ensure_ascii=False) + "\n")
+    return {"examples": len(records), "exact_match": exact_match(records, answers), **timing}
+
+
+def _save_outputs(model, tokenizer, cfg: Config, arm_dir: Path) -> dict[str, str]:
+    """lora: PEFT adapter (PeftModel.from_pretrained); full: safetensors model
+    (AutoModelForCausalLM.from_pretrained); both with the tokenizer. base: nothing."""
+    if cfg.method == "base":
+        return {}
+    target = arm_dir / ("adapter" if cfg.method == "lora" else "model")
+    model.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    return {cfg.method: target.name}

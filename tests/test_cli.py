@@ -1,0 +1,115 @@
+"""The command line: --help of every subcommand, bad input as one-line errors with exit code 2,
+and run directories that are never overwritten by accident."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tuneoff.cli import main
+
+SUBCOMMANDS = ["compare", "train", "inspect", "report"]
+
+
+@pytest.mark.parametrize("command", [[], *[[c] for c in SUBCOMMANDS]])
+def test_help_of_every_subcommand(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: tuneoff" in capsys.readouterr().out
+
+
+def test_console_script_help_is_fast_and_lists_commands():
+    out = subprocess.run(
+        [sys.executable, "-m", "tuneoff", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert all(c in out for c in SUBCOMMANDS)
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def assert_one_line_error(code: int, err: str, fragment: str) -> None:
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("tuneoff: error:")]
+    assert len(lines) == 1, err
+    assert fragment in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+@pytest.fixture
+def common(tiny_model_dir, tmp_path):
+    return ["--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "run")]
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--preset", "nope"], "unknown preset"),
+        (["--methods", "lora,dora"], "'methods'"),
+        (["learning_rate=1"], "unknown config key 'learning_rate'"),
+        (["epochs=zero"], "'epochs': expected int"),
+        (["--config", "/nonexistent.yaml"], "not found"),
+        (["--dataset", "/nonexistent/data.jsonl"], "not found"),
+    ],
+)
+def test_bad_compare_input_is_a_one_line_error(extra, fragment, common, capsys, tmp_path):
+    code, err = run_cli(["compare", *common, *extra], capsys)
+    assert_one_line_error(code, err, fragment)
+    assert not (tmp_path / "run").exists()  # nothing written for a bad command
+
+
+def test_bad_method_is_a_one_line_error(common, capsys):
+    code, err = run_cli(["train", "--method", "dora", *common], capsys)
+    assert_one_line_error(code, err, "'method'")
+
+
+def test_malformed_dataset_line_names_file_and_line(common, capsys, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"instruction": "a", "input": "", "output": "b"}\n{oops\n')
+    code, err = run_cli(["compare", *common, "--dataset", str(path)], capsys)
+    assert_one_line_error(code, err, f"{path} line 2")
+
+
+def test_missing_columns(common, capsys, tmp_path):
+    path = tmp_path / "qa.json"
+    path.write_text(json.dumps([{"question": "a", "answer": "b"}]))
+    code, err = run_cli(["compare", *common, "--dataset", str(path)], capsys)
+    assert_one_line_error(code, err, "rename the columns")
+
+
+def test_model_not_found_offline(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, err = run_cli(
+        [
+            "compare",
+            "--model",
+            "nobody/no-such-model-tuneoff",
+            "--output-dir",
+            str(tmp_path / "run"),
+        ],
+        capsys,
+    )
+    assert_one_line_error(code, err, "--model ./my-model")
+
+
+def test_existing_directories_are_never_overwritten_silently(common, capsys, tmp_path):
+    user_dir = tmp_path / "run"
+    user_dir.mkdir()
+    (user_dir / "precious.txt").write_text("mine")
+    code, err = run_cli(["compare", *common], capsys)
+    assert_one_line_error(code, err, "--overwrite")
+    code, err = run_cli(["compare", *common, "--overwrite"], capsys)
+    assert_one_line_error(code, err, "not a tuneoff run")
+    assert (user_dir / "precious.txt").read_text() == "mine"
+
+
+def test_inspect_of_a_non_run_is_a_one_line_error(capsys, tmp_path):
+    code, err = run_cli(["inspect", str(tmp_path)], capsys)
+    assert_one_line_error(code, err, "not a tuneoff run")

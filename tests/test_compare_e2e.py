@@ -1,0 +1,139 @@
+"""End to end: `tuneoff compare` on a reduced embedded default (every output file and summary
+field), an injected OOM that becomes a row, `inspect`, and the report's confound list."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tuneoff.cli import main
+from tuneoff.embedded import TINY_MODEL_DIR
+from tuneoff.report import confounds
+
+REDUCED = ["--limit", "400", "--max-steps", "8", "epochs=1", "eval_every=4", "gen_examples=16",
+           "batch_size=8"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare") / "run"
+    assert main(["compare", "--output-dir", str(out), *REDUCED]) == 0
+    return out
+
+
+def summary(run_dir, arm: str) -> dict:
+    return json.loads((run_dir / arm / "summary.json").read_text())
+
+
+def test_run_directory_holds_every_output(run_dir):
+    for name in ("config.yaml", "report.md", "loss_curves.png", "splits/manifest.json",
+                 "splits/train.jsonl", "splits/val.jsonl", "splits/test.jsonl"):  # fmt: skip
+        assert (run_dir / name).is_file(), name
+    for arm in ("base", "lora", "full"):
+        for name in ("summary.json", "config.yaml", "generations.jsonl"):
+            assert (run_dir / arm / name).is_file(), f"{arm}/{name}"
+    assert (run_dir / "lora" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run_dir / "full" / "model" / "model.safetensors").is_file()
+    assert not list(run_dir.rglob("*.bin")) and not list(run_dir.rglob("*.pt"))  # no pickle
+
+
+def test_summaries_carry_every_metric(run_dir):
+    for arm in ("base", "lora", "full"):
+        s = summary(run_dir, arm)
+        assert s["status"] == "ok"
+        for split in ("train", "val", "test"):
+            m = s["metrics"][split]
+            assert m["perplexity"] == pytest.approx(math.exp(m["loss"]))
+            assert m["bits_per_token"] == pytest.approx(m["loss"] / math.log(2))
+            assert 0 <= m["token_accuracy"] <= 1 and m["tokens_per_s"] > 0
+        assert s["memory"]["peak_rss_gib"] > 0
+        assert {"torch", "transformers", "peft", "accelerate"} <= set(s["versions"])
+        assert "git_sha" in s and s["runtime"]["precision"] == "fp32"
+        assert set(s["data"]["splits"]) == {"train", "val", "test"}
+        assert 0 <= s["generation"]["exact_match"] <= 1
+    for arm in ("lora", "full"):
+        t = summary(run_dir, arm)["training"]
+        assert t["optimizer_steps"] == 8
+        assert t["train_supervised_tokens_per_s"] > 0 and t["train_tokens_per_s"] > 0
+        assert t["time_per_epoch_s"] > 0 and 0 <= t["padding_fraction"] < 1
+    lora, full = summary(run_dir, "lora")["params"], summary(run_dir, "full")["params"]
+    assert 0 < lora["trainable"] < lora["total"] and full["trainable"] == full["total"]
+
+
+def test_both_arms_learn_and_share_the_split(run_dir):
+    base_val = summary(run_dir, "base")["metrics"]["val"]["loss"]
+    hashes = {
+        json.dumps(summary(run_dir, a)["data"]["split_sha256"]) for a in ("base", "lora", "full")
+    }
+    assert len(hashes) == 1
+    for arm in ("lora", "full"):
+        assert summary(run_dir, arm)["metrics"]["val"]["loss"] < base_val, arm
+
+
+def test_metrics_log_has_steps_and_validations(run_dir):
+    rows = [json.loads(x) for x in (run_dir / "lora" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["event"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 9))
+    for key in ("epoch", "loss", "lr", "grad_norm", "tokens_per_s", "memory_gib"):
+        assert key in train[0]
+    assert [r["step"] for r in rows if r["event"] == "eval"] == [4, 8]
+
+
+def test_report_has_the_reference_tables_and_no_confound(run_dir):
+    text = (run_dir / "report.md").read_text()
+    for heading in ("## Training time & resources", "## Results: Validation", "## Results: Test",
+                    "## Generation", "## Confounds", "No confounds"):  # fmt: skip
+        assert heading in text, heading
+
+
+def test_outputs_load_in_plain_transformers_and_peft(run_dir):
+    base = AutoModelForCausalLM.from_pretrained(TINY_MODEL_DIR)
+    adapted = PeftModel.from_pretrained(base, run_dir / "lora" / "adapter")
+    full = AutoModelForCausalLM.from_pretrained(run_dir / "full" / "model")
+    AutoTokenizer.from_pretrained(run_dir / "lora" / "adapter")
+    ids = torch.tensor([[1, 2, 3]])
+    assert adapted(input_ids=ids).logits.shape == full(input_ids=ids).logits.shape
+
+
+def test_inspect_marks_supervised_tokens(run_dir, capsys):
+    assert main(["inspect", str(run_dir / "lora"), "--split", "val", "--limit", "2"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("--- val[") == 2 and "[<|im_end|>]" in text
+    assert main(["inspect", str(run_dir), "--split", "test", "--limit", "2", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    for row in rows:
+        assert len(row["input_ids"]) == len(row["labels"])
+        assert row["labels"][0] == -100 and row["labels"][-1] == row["input_ids"][-1]
+
+
+def test_rerun_without_overwrite_is_refused(run_dir, capsys):
+    assert main(["compare", "--output-dir", str(run_dir), *REDUCED]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_an_oom_in_one_arm_becomes_a_row(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNEOFF_TEST_OOM", "full")
+    out = tmp_path / "oom"
+    args = ["compare", "--output-dir", str(out), "--limit", "200", "--max-steps", "2",
+            "epochs=1", "gen_examples=4"]  # fmt: skip
+    assert main(args) == 0
+    full, lora = summary(out, "full"), summary(out, "lora")
+    assert full["status"] == "oom" and "out of memory" in full["error"]
+    assert full["memory"]["peak_rss_gib"] > 0  # the memory reached is reported
+    assert lora["status"] == "ok" and lora["training"]["optimizer_steps"] == 2
+    assert "**oom**" in (out / "report.md").read_text()
+
+
+def test_confound_list_flags_any_difference_but_method():
+    def arm(method: str, lr: float) -> dict:
+        return {"status": "ok", "config": {"method": method, "lr": lr}, "runtime": {},
+                "versions": {"torch": "2"}, "data": {}, "git_sha": "abc"}  # fmt: skip
+
+    rows = {key: expected for key, _, expected in confounds({"lora": arm("lora", 1e-4),
+                                                             "full": arm("full", 2e-5)})}  # fmt: skip
+    assert rows == {"config.method": True, "config.lr": False}

@@ -1,0 +1,201 @@
+"""Data: loading and its errors, deterministic disjoint splits, prompt masking, EOS, batching."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from tuneoff.config import Config
+from tuneoff.data import (
+    IGNORE,
+    DataError,
+    collate,
+    epoch_batches,
+    load_records,
+    prepare_splits,
+    prompt_text,
+    read_splits,
+    split_records,
+    tokenize,
+    tokenize_split,
+    write_splits,
+)
+from tuneoff.embedded import TINY_MODEL_DIR
+from tuneoff.model import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(str(TINY_MODEL_DIR))
+
+
+def records(n: int) -> list[dict]:
+    return [{"instruction": f"task {i}", "input": "", "output": f"answer {i}"} for i in range(n)]
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def test_split_is_deterministic_disjoint_and_complete():
+    cfg = Config(val_fraction=0.1, test_fraction=0.1, seed=3)
+    a, b = split_records(records(200), cfg), split_records(records(200), cfg)
+    assert a == b
+    ids = {name: {r["instruction"] for r in rows} for name, rows in a.items()}
+    assert len(ids["val"]) == len(ids["test"]) == 20 and len(ids["train"]) == 160
+    assert not (ids["val"] & ids["test"]) and not (ids["train"] & (ids["val"] | ids["test"]))
+    other = split_records(records(200), Config(val_fraction=0.1, test_fraction=0.1, seed=4))
+    assert other["test"] != a["test"]
+
+
+def test_splits_roundtrip_with_hash_and_detect_tampering(tmp_path):
+    cfg = Config(val_fraction=0.1, test_fraction=0.1)
+    manifest = write_splits(split_records(records(50), cfg), tmp_path, cfg)
+    back, _ = read_splits(tmp_path)
+    assert back == split_records(records(50), cfg)
+    assert len(manifest["files"]["test"]["sha256"]) == 64
+    (tmp_path / "test.jsonl").write_text('{"instruction": "x", "input": "", "output": "y"}\n')
+    with pytest.raises(DataError, match="does not match its hash"):
+        read_splits(tmp_path)
+
+
+def test_existing_splits_from_other_settings_are_refused(tmp_path, alpaca_file):
+    prepare_splits(Config(dataset=str(alpaca_file), seed=1), tmp_path)
+    prepare_splits(Config(dataset=str(alpaca_file), seed=1, lr=1.0), tmp_path)  # same data: ok
+    with pytest.raises(DataError, match="other data settings"):
+        prepare_splits(Config(dataset=str(alpaca_file), seed=2), tmp_path)
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch():
+    assert epoch_batches(10, 4, seed=1, epoch=0) == epoch_batches(10, 4, seed=1, epoch=0)
+    assert epoch_batches(10, 4, seed=1, epoch=0) != epoch_batches(10, 4, seed=1, epoch=1)
+    assert [len(b) for b in epoch_batches(10, 4, seed=1, epoch=0)] == [4, 4, 2]  # last kept
+
+
+# --------------------------------------------------------------------------- tokenization
+
+
+def test_prompt_is_masked_and_eos_is_supervised(tokenizer):
+    record = {"instruction": "Reverse the word.", "input": "stone", "output": "enots"}
+    example = tokenize(record, tokenizer, Config(max_seq_len=128))
+    prompt = tokenizer(prompt_text(record, tokenizer), add_special_tokens=False)["input_ids"]
+    response = tokenizer("enots", add_special_tokens=False)["input_ids"]
+    assert example.input_ids == prompt + response + [tokenizer.eos_token_id]
+    assert example.labels[: len(prompt)] == [IGNORE] * len(prompt)
+    assert example.labels[len(prompt) :] == response + [tokenizer.eos_token_id]
+    assert "<|im_start|>assistant" in prompt_text(record, tokenizer)  # the chat template
+
+
+def test_eos_stays_supervised_when_pad_equals_eos(tokenizer):
+    tok = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
+    tok.pad_token = tok.eos_token  # the reference's setting: pad = EOS
+    cfg = Config(max_seq_len=128)
+    short = tokenize({"instruction": "a", "input": "", "output": "b"}, tok, cfg)
+    long = tokenize({"instruction": "a", "input": "", "output": "b c d e f g"}, tok, cfg)
+    batch = collate([short, long], tok.pad_token_id)
+    row = batch["labels"][0]
+    assert row[len(short.input_ids) - 1] == tok.eos_token_id  # the real EOS is learned
+    assert (row[len(short.input_ids) :] == IGNORE).all()  # padding (also EOS id) is not
+    assert batch["input_ids"][0, len(short.input_ids) :].eq(tok.eos_token_id).all()
+
+
+def test_train_on_prompt_supervises_the_prompt(tokenizer):
+    record = {"instruction": "Say hi.", "input": "", "output": "hi"}
+    example = tokenize(record, tokenizer, Config(train_on_prompt=True))
+    assert example.labels == example.input_ids
+
+
+def test_truncation_cuts_the_response_and_drops_prompts_without_room(tokenizer):
+    record = {"instruction": "Repeat.", "input": "", "output": " ".join(["word"] * 80)}
+    n_prompt = len(tokenizer(prompt_text(record, tokenizer), add_special_tokens=False)["input_ids"])
+    cfg = Config(max_seq_len=n_prompt + 5)
+    example = tokenize(record, tokenizer, cfg)
+    assert len(example.input_ids) == n_prompt + 5 and example.truncated
+    assert example.labels[-1] != tokenizer.eos_token_id  # the cut removed the EOS
+    assert tokenize(record, tokenizer, Config(max_seq_len=n_prompt)) is None
+    examples, counts = tokenize_split(
+        [record, {**record, "output": "ok"}], tokenizer, Config(max_seq_len=n_prompt + 5)
+    )
+    assert counts == {"examples": 2, "truncated": 1, "dropped": 0}
+    _, counts = tokenize_split([record], tokenizer, Config(max_seq_len=n_prompt))
+    assert counts == {"examples": 0, "truncated": 0, "dropped": 1}
+
+
+def test_batches_pad_to_the_longest_example_not_max_len(tokenizer):
+    cfg = Config(max_seq_len=256)
+    examples = [
+        tokenize({"instruction": "x" * n, "input": "", "output": "y"}, tokenizer, cfg)
+        for n in (1, 5, 9)
+    ]
+    batch = collate(examples, tokenizer.pad_token_id)
+    assert batch["input_ids"].shape[1] == max(len(e.input_ids) for e in examples) < 256
+    assert batch["attention_mask"].sum() == sum(len(e.input_ids) for e in examples)
+
+
+def test_alpaca_template_without_chat_template(tokenizer):
+    tok = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
+    tok.chat_template = None
+    text = prompt_text({"instruction": "Add.", "input": "2 3", "output": "5"}, tok)
+    assert text.startswith("Below is an instruction") and "### Input:\n2 3" in text
+    assert text.endswith("### Response:\n")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def test_loads_every_local_format(tmp_path):
+    rows = records(5)
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "a.csv").write_text(
+        "instruction,input,output\n" + "".join(f"task {i},,answer {i}\n" for i in range(5))
+    )
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a.parquet")
+    for suffix in ("json", "jsonl", "csv", "parquet"):
+        loaded = load_records(str(tmp_path / f"a.{suffix}"))
+        assert [r["output"] for r in loaded] == [r["output"] for r in rows], suffix
+
+
+def test_prompt_completion_pairs(tmp_path, tokenizer):
+    path = tmp_path / "pc.jsonl"
+    path.write_text(json.dumps({"prompt": "2+2?", "completion": "4"}) + "\n")
+    (record,) = load_records(str(path))
+    example = tokenize(record, tokenizer, Config())
+    assert example.labels[-1] == tokenizer.eos_token_id
+    assert "2+2?" in prompt_text(record, tokenizer)
+
+
+@pytest.mark.parametrize(
+    "name, body, fragment",
+    [
+        ("bad.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": oops}\n', "line 2"),
+        ("cols.jsonl", '{"question": "a", "answer": "b"}\n', "expected instruction/input/output"),
+        ("empty.jsonl", "\n", "no records"),
+        ("nulls.jsonl", '{"instruction": "a", "output": null}\n', "no text in column 'output'"),
+        ("list.json", '{"a": 1, "b": 2}', "expected a JSON list"),
+        ("data.txt", "hello", "unsupported type"),
+    ],
+)
+def test_bad_files_give_one_line_errors(tmp_path, name, body, fragment):
+    path = tmp_path / name
+    path.write_text(body)
+    with pytest.raises(DataError) as err:
+        load_records(str(path))
+    assert fragment in str(err.value) and str(path) in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_file_names_the_fix(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_records(str(tmp_path / "missing.json"))
+
+
+def test_hub_dataset_offline_gives_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataError, match="--dataset ./data.json"):
+        load_records("nobody-owns-this/no-such-dataset-tuneoff")

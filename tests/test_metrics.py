@@ -1,0 +1,76 @@
+"""Loss, perplexity, token accuracy and bits per token against a hand computation."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tuneoff.data import IGNORE
+from tuneoff.evaluate import evaluate, exact_match, loss_sum, token_stats
+
+# One sequence of 4 positions over a vocabulary of 3. Labels 1 and 2 are supervised; by the
+# shift, logits at position 0 predict label[1] = 2 and logits at position 1 predict label[2] = 0.
+LOGITS = torch.tensor([[[0.0, 1.0, 2.0], [3.0, 0.0, 0.0], [0.0, 0.0, 5.0], [1.0, 1.0, 1.0]]])
+LABELS = torch.tensor([[IGNORE, 2, 0, IGNORE]])
+
+
+def _nll(row: list[float], target: int) -> float:
+    return -(row[target] - math.log(sum(math.exp(v) for v in row)))
+
+
+HAND_LOSS = (_nll([0.0, 1.0, 2.0], 2) + _nll([3.0, 0.0, 0.0], 0)) / 2
+
+
+def test_token_stats_matches_hand_computation():
+    total, correct, tokens = token_stats(LOGITS, LABELS)
+    assert tokens == 2
+    assert total / tokens == pytest.approx(HAND_LOSS, abs=1e-6)
+    assert correct == 2  # argmax(pos 0) = 2 = label[1]; argmax(pos 1) = 0 = label[2]
+
+
+def test_unshifted_comparison_would_differ():
+    # The reference's bug: comparing argmax at t with the label at t. Here it scores 0 of 2
+    # (argmax at positions 1 and 2 are 0 and 2 against labels 2 and 0), the shift scores 2 of 2.
+    unshifted = int((LOGITS.argmax(-1) == LABELS).sum())
+    assert unshifted == 0 and token_stats(LOGITS, LABELS)[1] == 2
+
+
+def test_loss_sum_is_differentiable_and_ignores_prompt():
+    logits = LOGITS.clone().requires_grad_(True)
+    loss_sum(logits, LABELS).backward()
+    assert logits.grad[0, 2:].abs().sum() == 0  # positions 2, 3 predict ignored labels
+    assert logits.grad[0, :2].abs().sum() > 0
+
+
+class FixedLogits(torch.nn.Module):
+    """A stand-in model that returns the same logits whatever the input."""
+
+    def forward(self, input_ids, attention_mask):
+        return SimpleNamespace(logits=LOGITS.expand(input_ids.size(0), -1, -1))
+
+
+def test_evaluate_reports_every_metric_from_the_hand_loss():
+    batch = {
+        "input_ids": torch.zeros(2, 4, dtype=torch.long),
+        "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]),
+        "labels": LABELS.expand(2, -1),
+    }
+    result = evaluate(FixedLogits(), [batch], "cpu")
+    assert result["loss"] == pytest.approx(HAND_LOSS, abs=1e-6)
+    assert result["perplexity"] == pytest.approx(math.exp(HAND_LOSS), rel=1e-6)
+    assert result["bits_per_token"] == pytest.approx(HAND_LOSS / math.log(2), rel=1e-6)
+    assert result["token_accuracy"] == 1.0
+    assert result["supervised_tokens"] == 4
+    assert result["tokens"] == 7  # non-padding tokens only
+    assert result["tokens_per_s"] > 0
+
+
+def test_exact_match_strips_whitespace_only():
+    records = [
+        {"instruction": "a", "input": "", "output": "42"},
+        {"instruction": "b", "input": "", "output": "Yes"},
+    ]
+    assert exact_match(records, [" 42\n", "yes"]) == 0.5

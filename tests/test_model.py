@@ -1,0 +1,72 @@
+"""Models: the exact Qwen2.5-1.5B parameter counts on the meta device, prepare_model per method,
+and the device/precision choice."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import tuneoff
+from tuneoff.config import Config
+from tuneoff.model import ModelError, choose_runtime, count_parameters, prepare_model
+
+ARCH = Path(tuneoff.__file__).parent / "archs" / "qwen2.5-1.5b-instruct.json"
+
+
+def meta_qwen_1_5b() -> torch.nn.Module:
+    config = AutoConfig.for_model(**json.loads(ARCH.read_text()))
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def test_qwen2_5_1_5b_parameter_count_on_meta_device():
+    counts = count_parameters(meta_qwen_1_5b())
+    assert counts["total"] == 1_543_714_304  # tied embeddings counted once
+
+
+def test_lora_r8_qkvo_adds_the_reference_share():
+    with torch.device("meta"):
+        model = prepare_model(meta_qwen_1_5b(), Config(method="lora"))
+    counts = count_parameters(model)
+    assert counts["trainable"] == 2_179_072
+    assert counts["total"] == 1_543_714_304 + 2_179_072
+    assert round(counts["trainable_pct"], 3) == 0.141  # the reference's "0.14%"
+
+
+def test_prepare_model_per_method(tiny_model_dir):
+    def fresh():
+        return AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+
+    full = prepare_model(fresh(), Config(method="full"))
+    assert all(p.requires_grad for p in full.parameters())
+    base = prepare_model(fresh(), Config(method="base"))
+    assert not any(p.requires_grad for p in base.parameters())
+    lora = prepare_model(fresh(), Config(method="lora", lora_target_modules=["q_proj"]))
+    trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and "q_proj" in n for n in trainable)
+
+
+def test_lora_targets_that_do_not_exist_are_a_clear_error(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with pytest.raises(ModelError, match="lora_target_modules"):
+        prepare_model(model, Config(method="lora", lora_target_modules=["nope_proj"]))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
+def test_runtime_on_cpu_falls_back_to_fp32_and_says_why():
+    runtime = choose_runtime(Config(precision="fp16"))
+    assert (runtime.device, runtime.precision) == ("cpu", "fp32")
+    assert "fp16" in runtime.reason
+    with pytest.raises(ModelError, match="CUDA is not available"):
+        choose_runtime(Config(device="cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_runtime_on_cuda_honours_fp16():
+    runtime = choose_runtime(Config(precision="fp16"))
+    assert (runtime.device, runtime.precision, runtime.mixed_precision) == ("cuda", "fp16", "fp16")
