@@ -21,9 +21,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 def main() -> int:
     from accelerate import Accelerator
+    from gpu_p0 import ARCH, make_alpaca_like
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from gpu_p0 import ARCH, make_alpaca_like
     from tuneoff.config import Config
     from tuneoff.data import collate, load_records, tokenize_split
     from tuneoff.embedded import TINY_MODEL_DIR
@@ -58,7 +58,7 @@ def main() -> int:
         optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device == "cuda")
         model, optimizer = accelerator.prepare(model, optimizer)
         times = []
-        for w, window in enumerate(windows):
+        for window in windows:
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()

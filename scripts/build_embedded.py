@@ -1,14 +1,16 @@
 """Build the embedded tiny Qwen2 base model and tokenizer shipped in tuneoff.embedded.
 
 Run as ``python scripts/build_embedded.py``. It trains a small byte-level BPE
-tokenizer with a ChatML chat template, then pretrains a tiny Qwen2ForCausalLM on
+tokenizer with a ChatML chat template, pretrains a tiny Qwen2ForCausalLM on
 plain-text sentences about the synthetic task families (never on the chat
-format), and writes everything to ``src/tuneoff/embedded/tiny-qwen2/``.
-Seeded and deterministic on CPU for a fixed thread count; a few minutes on 2 cores.
+format), gives the unseen ChatML tokens a neutral embedding, and writes
+everything to ``src/tuneoff/embedded/tiny-qwen2/``. Seeded and deterministic on
+CPU for a fixed thread count; about 7 minutes on 2 cores.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import shutil
@@ -101,7 +103,20 @@ def build_tokenizer(out_dir: Path) -> PreTrainedTokenizerFast:
         clean_up_tokenization_spaces=False,
     )
     fast.save_pretrained(out_dir)
+    make_tokenizer_config_portable(out_dir / "tokenizer_config.json")
     return fast
+
+
+def make_tokenizer_config_portable(path: Path) -> None:
+    """Use names that transformers 4.x understands as well as 5.x.
+
+    transformers 5 writes its own class name (TokenizersBackend) and a list of
+    ``extra_special_tokens``; 4.x knows neither and fails to load the tokenizer.
+    """
+    config = json.loads(path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config["additional_special_tokens"] = config.pop("extra_special_tokens", ["<|im_start|>"])
+    path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def check_tokenizer(out_dir: Path) -> PreTrainedTokenizerFast:
@@ -186,6 +201,25 @@ def pretrain(model: Qwen2ForCausalLM, blocks: torch.Tensor) -> float:
     return sum(recent) / len(recent)
 
 
+def neutralize_chat_tokens(model: Qwen2ForCausalLM, tok: PreTrainedTokenizerFast) -> None:
+    """Reset the ChatML tokens, never seen in pretraining, to the mean embedding.
+
+    Pretraining only ever pushes their (tied) logits down, which leaves <|im_end|>
+    so unlikely that a LoRA with frozen embeddings can hardly learn to stop, while
+    full fine-tuning simply retrains the row. Real base models have met these
+    tokens; a neutral start, as transformers gives newly added tokens, keeps the
+    comparison about the methods rather than this artifact of the tiny setup.
+    """
+    emb = model.get_input_embeddings().weight
+    chat_ids = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    seen = torch.ones(len(emb), dtype=torch.bool)
+    seen[chat_ids] = False
+    noise = torch.randn(len(chat_ids), emb.shape[1], generator=torch.Generator().manual_seed(SEED))
+    with torch.no_grad():
+        mean, std = emb[seen].mean(0), emb[seen].std(0)
+        emb[chat_ids] = mean + 0.5 * std * noise  # the noise keeps the two tokens apart
+
+
 def save_model(model: Qwen2ForCausalLM, tok: PreTrainedTokenizerFast, out_dir: Path) -> None:
     model.generation_config = GenerationConfig(
         bos_token_id=tok.pad_token_id,
@@ -244,6 +278,7 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: Qwen2ForCausalLM with {n_params:,} parameters; {STEPS} steps of {BATCH}x{BLOCK}")
     final_loss = pretrain(model, blocks)
+    neutralize_chat_tokens(model, tok)
     save_model(model, tok, out_dir)
 
     reloaded = AutoModelForCausalLM.from_pretrained(out_dir)

@@ -85,7 +85,10 @@ def test_missing_columns(common, capsys, tmp_path):
 
 
 def test_model_not_found_offline(capsys, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import
     code, err = run_cli(
         [
             "compare",

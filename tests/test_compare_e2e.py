@@ -134,6 +134,6 @@ def test_confound_list_flags_any_difference_but_method():
         return {"status": "ok", "config": {"method": method, "lr": lr}, "runtime": {},
                 "versions": {"torch": "2"}, "data": {}, "git_sha": "abc"}  # fmt: skip
 
-    rows = {key: expected for key, _, expected in confounds({"lora": arm("lora", 1e-4),
-                                                             "full": arm("full", 2e-5)})}  # fmt: skip
+    found = confounds({"lora": arm("lora", 1e-4), "full": arm("full", 2e-5)})
+    rows = {key: expected for key, _, expected in found}
     assert rows == {"config.method": True, "config.lr": False}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import random
 import re
 from collections import Counter
@@ -10,7 +11,6 @@ from collections import Counter
 import pytest
 
 from tuneoff.embedded import TASK_FAMILIES, TINY_MODEL_DIR, check_answer, generate_records
-from tuneoff.embedded.synthetic import generate_examples
 
 
 def _ints(text: str) -> list[int]:
@@ -64,7 +64,7 @@ def _expected(name: str, record: dict[str, str]) -> str:
         unit = re.search(r"\d+ (\w+)", text).group(1)
         return str(nums[0] * factors[unit])
     if name == "count_items":
-        listed = record["input"] or text.split(": ")[-1].rstrip("?")
+        listed = record["input"] or text.split(": ")[-1].strip().rstrip("?")
         return str(len(listed.split(", ")))
     if name == "repeat_word":
         return " ".join([_subject_word(name, record)] * nums[0])
@@ -104,12 +104,15 @@ def test_records_have_alpaca_schema() -> None:
         assert record["instruction"] and record["output"]
 
 
-def test_at_least_ten_families_all_sampled() -> None:
+def test_at_least_ten_families() -> None:
     assert len(TASK_FAMILIES) >= 10
-    outputs = {TASK_FAMILIES[name](random.Random(0)).output for name in TASK_FAMILIES}
-    assert len(outputs) > 1
-    examples = generate_examples(2000, seed=0)
-    assert len({ex.instruction.split()[0] for ex in examples}) >= 20  # varied phrasings
+
+
+@pytest.mark.parametrize("name", sorted(TASK_FAMILIES))
+def test_family_uses_varied_phrasings(name: str) -> None:
+    rng = random.Random(2)
+    openings = {" ".join(TASK_FAMILIES[name](rng).instruction.split()[:2]) for _ in range(100)}
+    assert len(openings) >= 3
 
 
 @pytest.mark.parametrize("name", sorted(TASK_FAMILIES))
@@ -157,6 +160,13 @@ def test_shipped_tokenizer(tokenizer) -> None:
     record = generate_records(1, seed=0)[0]
     ids = tokenizer(record["instruction"] + record["output"])["input_ids"]
     assert tokenizer.decode(ids) == record["instruction"] + record["output"]
+
+
+def test_shipped_tokenizer_config_is_portable() -> None:
+    # transformers 4.x cannot load the class name transformers 5 writes by default.
+    config = json.loads((TINY_MODEL_DIR / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert config["additional_special_tokens"] == ["<|im_start|>"]
 
 
 def test_shipped_chat_template_is_chatml(tokenizer) -> None:

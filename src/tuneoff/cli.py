@@ -120,6 +120,8 @@ def run_dir_of(cfg: Config) -> Path:
 def check_dir(path: Path, overwrite: bool, resume: bool) -> bool:
     """May `path` be used? True if it holds a run to replace (--overwrite). Raises otherwise.
     Only a tuneoff run may be replaced: nothing a user had is deleted or silently overwritten."""
+    if resume and not (path / MARKER).is_file():
+        raise UsageError(f"no tuneoff run at {path} to resume: pass its --output-dir or --name")
     if not path.exists() or not any(path.iterdir()):
         return False
     is_run = (path / MARKER).is_file()
@@ -157,7 +159,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from tuneoff.report import write_report
 
     cfg, per_arm, preset = resolve_args(args)
-    run_dir = run_dir_of(cfg)
+    run_dir = args.run_dir = run_dir_of(cfg)
     check_model(cfg.model)
     replace = check_dir(run_dir, args.overwrite, args.resume)
     records = _load_unless_split(cfg, run_dir, args.resume)  # bad data fails before any write
@@ -226,7 +228,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg, per_arm, _ = resolve_args(args)
     cfg = cfg.replace(**per_arm.get(cfg.method, {}))
-    run_dir = run_dir_of(cfg)
+    run_dir = args.run_dir = run_dir_of(cfg)
     arm_dir = run_dir / cfg.method
     check_model(cfg.model)
     new_run = not (run_dir / MARKER).is_file()
@@ -294,9 +296,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tuneoff: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(
-            "\ntuneoff: interrupted; continue with the same command and --resume", file=sys.stderr
-        )
+        where = f" --output-dir {args.run_dir}" if getattr(args, "run_dir", None) else ""
+        hint = f"continue with the same command and{where} --resume"
+        print(f"\ntuneoff: interrupted; {hint}", file=sys.stderr)
         return 130
 
 

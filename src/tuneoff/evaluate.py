@@ -7,15 +7,18 @@ accuracy read 0.009 at perplexity 3.6.) Forward passes are timed apart from gene
 
 from __future__ import annotations
 
+import json
 import math
+import random
 from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from tuneoff.data import IGNORE, prompt_ids, response_text
+from tuneoff.data import IGNORE, eval_batches, prompt_ids, response_text
 from tuneoff.measure import Stopwatch
 
 
@@ -139,3 +142,32 @@ def exact_match(records: list[dict], answers: list[str]) -> float:
     """Share of answers equal to the reference response, whitespace stripped at both ends."""
     hits = sum(a.strip() == response_text(r).strip() for r, a in zip(records, answers))
     return hits / len(records) if records else float("nan")
+
+
+def evaluate_splits(model, data: dict, cfg: Any, device: str, pad_id: int) -> dict[str, Any]:
+    """Loss, perplexity, token accuracy, bits/token per split. The train split is measured on a
+    fixed seeded sample as large as val (or `eval_train_examples`), to keep evaluation cheap."""
+    n_train = cfg.eval_train_examples or max(len(data["val"]), 1)
+    pick = sorted(
+        random.Random(cfg.seed).sample(range(len(data["train"])), min(n_train, len(data["train"])))
+    )
+    subsets = {"train": [data["train"][i] for i in pick], "val": data["val"], "test": data["test"]}
+    out = {}
+    for name, examples in subsets.items():
+        batches = eval_batches(examples, cfg.eval_batch_size, pad_id)
+        out[name] = {**evaluate(model, batches, device), "examples": len(examples)}
+    return out
+
+
+def evaluate_generation(model, tokenizer, records, cfg: Any, device: str, arm_dir: Path) -> dict:
+    """Greedy answers on the first `gen_examples` test records; exact match against references."""
+    records = records[: cfg.gen_examples]
+    if not records:
+        return {"examples": 0}
+    answers, timing = generate_answers(
+        model, tokenizer, records, device, cfg.gen_max_new_tokens, cfg.gen_batch_size
+    )
+    with (arm_dir / "generations.jsonl").open("w") as fh:
+        for record, answer in zip(records, answers):
+            fh.write(json.dumps({"record": record, "answer": answer}, ensure_ascii=False) + "\n")
+    return {"examples": len(records), "exact_match": exact_match(records, answers), **timing}

@@ -11,29 +11,29 @@ import json
 import logging
 import math
 import os
-import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from tuneoff import measure
+from tuneoff.checkpoint import load_checkpoint, save_checkpoint
 from tuneoff.config import Config, write_yaml
 from tuneoff.data import (
     IGNORE,
     Example,
     collate,
     epoch_batches,
+    eval_batches,
     read_splits,
     supervised_tokens,
     tokenize_split,
 )
-from tuneoff.evaluate import evaluate, exact_match, generate_answers, loss_sum
+from tuneoff.evaluate import evaluate, evaluate_generation, evaluate_splits, loss_sum
 from tuneoff.model import (
     Runtime,
     choose_runtime,
@@ -110,9 +110,13 @@ def epoch_windows(n_examples: int, cfg: Config, epoch: int, rank: int, world: in
     return out
 
 
+def loader_workers(cfg: Config) -> int:
+    return min(cfg.num_workers, os.cpu_count() or 1)
+
+
 def make_loader(examples: list[Example], micro: list, pad_id: int, cfg: Config, device: str):
     """Collates micro-batches in `num_workers` background processes (capped at the CPU count)."""
-    workers = min(cfg.num_workers, os.cpu_count() or 1)
+    workers = loader_workers(cfg)
 
     def load(item: tuple[list[int], bool]) -> dict[str, torch.Tensor]:
         idx, supervised = item
@@ -182,7 +186,8 @@ def train(
     model, optimizer = accelerator.prepare(model, optimizer)
     state = TrainState()
     if resume and (arm_dir / "checkpoint" / "state.json").is_file():
-        state = load_checkpoint(arm_dir / "checkpoint", model, optimizer, scheduler, accelerator)
+        saved = load_checkpoint(arm_dir / "checkpoint", model, optimizer, scheduler, accelerator)
+        state = TrainState(**saved)
         log.info("resuming after epoch %d, step %d", state.epoch, state.step)
     metrics_log = MetricsLog(arm_dir / "metrics.jsonl", keep_until_step=state.step)
     bar = tqdm(
@@ -287,77 +292,8 @@ class MetricsLog:
             fh.write(json.dumps(row) + "\n")
 
     def eval(self, model, examples, cfg, device, pad_id, step: int, epoch: int) -> None:
-        batches = (
-            collate(examples[i : i + cfg.eval_batch_size], pad_id)
-            for i in range(0, len(examples), cfg.eval_batch_size)
-        )
-        result = evaluate(model, batches, device)
+        result = evaluate(model, eval_batches(examples, cfg.eval_batch_size, pad_id), device)
         self.write({"event": "eval", "split": "val", "step": step, "epoch": epoch, **result})
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(
-    path: Path, model, optimizer, scheduler, accelerator, state: TrainState
-) -> None:
-    """Trainable weights, optimizer state and RNG in safetensors, the rest in JSON (no pickle).
-    Written to a temporary directory and renamed, so a crash never leaves half a checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    unwrapped = accelerator.unwrap_model(model)
-    weights = {
-        n: p.detach().contiguous() for n, p in unwrapped.named_parameters() if p.requires_grad
-    }
-    save_file(weights, tmp / "trainable.safetensors")
-    opt = optimizer.state_dict()
-    tensors = {
-        f"{pid}.{k}": v.contiguous()
-        for pid, s in opt["state"].items()
-        for k, v in s.items()
-        if torch.is_tensor(v)
-    }
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    save_file(tensors, tmp / "optimizer.safetensors")
-    scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-    meta = {
-        "train_state": asdict(state),
-        "param_groups": opt["param_groups"],
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler,
-    }
-    (tmp / "state.json").write_text(json.dumps(meta, indent=1, default=str))
-    if path.exists():
-        for f in path.iterdir():
-            f.unlink()
-        path.rmdir()
-    tmp.rename(path)
-
-
-def load_checkpoint(path: Path, model, optimizer, scheduler, accelerator) -> TrainState:
-    unwrapped = accelerator.unwrap_model(model)
-    weights = load_file(path / "trainable.safetensors", device=str(accelerator.device))
-    missing = set(weights) - {n for n, _ in unwrapped.named_parameters()}
-    if missing:
-        raise ValueError(f"checkpoint {path} has weights this model lacks: {sorted(missing)[:3]}")
-    unwrapped.load_state_dict(weights, strict=False)
-    meta = json.loads((path / "state.json").read_text())
-    tensors = load_file(path / "optimizer.safetensors", device=str(accelerator.device))
-    torch.set_rng_state(tensors.pop("rng.cpu").cpu())
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors.pop("rng.cuda").cpu())
-    tensors.pop("rng.cuda", None)
-    opt_state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        pid, name = key.split(".", 1)
-        opt_state.setdefault(int(pid), {})[name] = value
-    optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
-    scheduler.load_state_dict(meta["scheduler"])
-    if meta["scaler"] is not None and accelerator.scaler is not None:
-        accelerator.scaler.load_state_dict(meta["scaler"])
-    return TrainState(**meta["train_state"])
 
 
 # --------------------------------------------------------------------------- test hooks
@@ -410,8 +346,12 @@ def run_arm(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
             summary["memory"] = measure.measure_memory(runtime.device)  # the training peak
         else:
             model = accelerator.prepare(model)
-        summary["metrics"] = _evaluate_splits(model, data, cfg, runtime, tokenizer.pad_token_id)
-        summary["generation"] = _generation(model, tokenizer, splits["test"], cfg, runtime, arm_dir)
+        pad_id = tokenizer.pad_token_id
+        summary["metrics"] = evaluate_splits(model, data, cfg, runtime.device, pad_id)
+        test = splits["test"]
+        summary["generation"] = evaluate_generation(
+            model, tokenizer, test, cfg, runtime.device, arm_dir
+        )
         summary["outputs"] = _save_outputs(accelerator.unwrap_model(model), tokenizer, cfg, arm_dir)
         summary["status"] = "ok"
     except torch.OutOfMemoryError as err:
@@ -436,7 +376,7 @@ def _summary_head(cfg, runtime: Runtime, model, counts, manifest, accelerator) -
             "precision": runtime.precision,
             "precision_reason": runtime.reason,
             "world_size": accelerator.num_processes,
-            "dataloader_workers": 0,
+            "dataloader_workers": loader_workers(cfg),
         },
         "versions": measure.measure_versions(),
         "git_sha": measure.git_sha(),
@@ -446,38 +386,6 @@ def _summary_head(cfg, runtime: Runtime, model, counts, manifest, accelerator) -
             "split_sha256": {k: v["sha256"] for k, v in manifest["files"].items()},
         },
     }
-
-
-def _evaluate_splits(model, data, cfg: Config, runtime: Runtime, pad_id: int) -> dict[str, Any]:
-    """Loss, perplexity, token accuracy, bits/token per split. The train split is measured on a
-    fixed seeded sample as large as val (or `eval_train_examples`), to keep evaluation cheap."""
-    n_train = cfg.eval_train_examples or max(len(data["val"]), 1)
-    pick = sorted(
-        random.Random(cfg.seed).sample(range(len(data["train"])), min(n_train, len(data["train"])))
-    )
-    subsets = {"train": [data["train"][i] for i in pick], "val": data["val"], "test": data["test"]}
-    out = {}
-    for name, examples in subsets.items():
-        batches = (
-            collate(examples[i : i + cfg.eval_batch_size], pad_id)
-            for i in range(0, len(examples), cfg.eval_batch_size)
-        )
-        out[name] = {**evaluate(model, batches, runtime.device), "examples": len(examples)}
-    return out
-
-
-def _generation(model, tokenizer, records, cfg: Config, runtime: Runtime, arm_dir: Path) -> dict:
-    """Greedy answers on the first `gen_examples` test records; exact match against references."""
-    records = records[: cfg.gen_examples]
-    if not records:
-        return {"examples": 0}
-    answers, timing = generate_answers(
-        model, tokenizer, records, runtime.device, cfg.gen_max_new_tokens, cfg.gen_batch_size
-    )
-    with (arm_dir / "generations.jsonl").open("w") as fh:
-        for record, answer in zip(records, answers):
-            fh.write(json.dumps({"record": record, "answer": answer}, ensure_ascii=False) + "\n")
-    return {"examples": len(records), "exact_match": exact_match(records, answers), **timing}
 
 
 def _save_outputs(model, tokenizer, cfg: Config, arm_dir: Path) -> dict[str, str]:
