@@ -229,7 +229,7 @@ def train(
             state.supervised_tokens += sum(supervised_tokens(b["labels"]) for b in micro)
             state.slots += sum(b["input_ids"].numel() for b in micro)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / step_s:,.0f}")
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / step_s:,.0f}", refresh=False)
             if state.step % cfg.log_every == 0 or state.step == total_steps:
                 metrics_log.write(
                     {
