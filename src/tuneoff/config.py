@@ -22,8 +22,6 @@ TRAINING_METHODS = ("lora", "full")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("linear", "cosine", "constant")
-# Keys that may legitimately differ between arms: the report does not call them confounds.
-METHOD_KEYS = ("method",)
 
 
 class ConfigError(ValueError):

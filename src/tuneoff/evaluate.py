@@ -11,7 +11,6 @@ import json
 import math
 import random
 from collections.abc import Iterable
-from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +59,6 @@ def evaluate(
     model: torch.nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
     device: str,
-    autocast: AbstractContextManager | None = None,
 ) -> dict[str, float]:
     """Metrics over every batch; `tokens_per_s` counts non-padding tokens of forward passes only."""
     was_training = model.training
@@ -76,7 +74,7 @@ def evaluate(
         )
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        with watch, autocast or nullcontext():
+        with watch:
             logits = model(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).logits

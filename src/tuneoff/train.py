@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,10 +79,9 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: i
     decay, or constant)."""
     from transformers import get_scheduler
 
+    names = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
     return get_scheduler(
-        {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[
-            cfg.lr_schedule
-        ],
+        names[cfg.lr_schedule],
         optimizer,
         num_warmup_steps=cfg.warmup_steps,
         num_training_steps=total_steps,
@@ -149,7 +149,7 @@ def run_window(model, accelerator, micro_batches: list[dict[str, torch.Tensor]])
     for i, batch in enumerate(micro_batches):
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         last = i == len(micro_batches) - 1
-        with accelerator.no_sync(model) if not last else _null():
+        with accelerator.no_sync(model) if not last else nullcontext():
             with accelerator.autocast():
                 logits = model(
                     input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
@@ -159,12 +159,6 @@ def run_window(model, accelerator, micro_batches: list[dict[str, torch.Tensor]])
             accelerator.backward(part * accelerator.num_processes / max(total, 1))
         window_loss += float(part.detach())
     return window_loss / max(local, 1)
-
-
-def _null():
-    from contextlib import nullcontext
-
-    return nullcontext()
 
 
 def train(
