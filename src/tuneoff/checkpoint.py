@@ -60,9 +60,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, accelerator) -> dic
     meta = json.loads((path / "state.json").read_text())
     tensors = load_file(path / "optimizer.safetensors", device=str(accelerator.device))
     torch.set_rng_state(tensors.pop("rng.cpu").cpu())
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors.pop("rng.cuda").cpu())
-    tensors.pop("rng.cuda", None)
+    cuda_rng = tensors.pop("rng.cuda", None)
+    if cuda_rng is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda_rng.cpu())
     opt_state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         pid, name = key.split(".", 1)

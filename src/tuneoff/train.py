@@ -138,8 +138,11 @@ def make_loader(examples: list[Example], micro: list, pad_id: int, cfg: Config, 
 # --------------------------------------------------------------------------- the loop
 
 
-def run_window(model, accelerator, micro_batches: list[dict[str, torch.Tensor]]) -> float:
-    """Forward and backward over one accumulation window; returns the window's mean loss.
+def run_window(
+    model, accelerator, micro_batches: list[dict[str, torch.Tensor]]
+) -> tuple[float, int]:
+    """Forward and backward over one accumulation window; returns the window's mean loss and
+    this process's supervised tokens.
 
     Each micro-batch's summed loss is divided by the supervised tokens of the whole window
     (over all processes), so the gradient is the mean over every supervised token."""
@@ -158,7 +161,7 @@ def run_window(model, accelerator, micro_batches: list[dict[str, torch.Tensor]])
             # DDP averages gradients over processes; multiply back so the window is one mean.
             accelerator.backward(part * accelerator.num_processes / max(total, 1))
         window_loss += float(part.detach())
-    return window_loss / max(local, 1)
+    return window_loss / max(local, 1), local
 
 
 def train(
@@ -210,7 +213,7 @@ def train(
                 step_start = time.perf_counter()
                 _maybe_inject_oom(cfg, state.step)
                 micro = [next(loader) for _ in window]
-                loss = run_window(model, accelerator, micro)
+                loss, supervised = run_window(model, accelerator, micro)
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 if not accelerator.optimizer_step_was_skipped:
@@ -220,7 +223,7 @@ def train(
             state.step += 1
             tokens = sum(int(b["attention_mask"].sum()) for b in micro)
             state.tokens += tokens
-            state.supervised_tokens += sum(supervised_tokens(b["labels"]) for b in micro)
+            state.supervised_tokens += supervised
             state.slots += sum(b["input_ids"].numel() for b in micro)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / step_s:,.0f}", refresh=False)
