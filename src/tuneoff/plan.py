@@ -1,0 +1,617 @@
+"""Memory planning: an arm's peak training memory, predicted before it runs, by component.
+
+The prediction runs the arm's real training step (tuneoff's `prepare_model`, loss and
+optimizer) on the meta device, where tensors have shapes and dtypes but no storage, under
+torch's `MemTracker`, which counts every tensor's bytes by category (parameters, gradients,
+optimizer states, activations, temporaries) at the peak. So activations, logits and the loss
+are counted from the actual computation of the actual architecture, with or without gradient
+checkpointing, not from a rule of thumb. What the meta device cannot run is added by formula:
+4-bit weights (QLoRA), 8-bit optimizer states, fp16/bf16 autocast's weight copies, and
+attention, which on the meta device is traced as a flash kernel (saves q, k, v, output and
+log-sum-exp, as CUDA's flash and memory-efficient kernels and CPU's flash kernel do).
+
+Peak allocated is the largest of three phases:
+  forward/backward = weights + optimizer states + gradients (held across an accumulation
+                     window) + activations + logits and loss + autocast weight copies
+  optimizer step   = weights + optimizer states + gradients + the step's temporaries
+  evaluation       = weights + optimizer states + one evaluation batch's forward
+Reserved adds the caching allocator's slack; a GPU also needs the CUDA context beside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tuneoff.config import Config
+from tuneoff.model import Runtime, prepare_model, weights_dtype
+
+GIB = 2**30
+CUDA_CONTEXT = int(0.5 * GIB)  # driver, kernels and cuBLAS handles: outside torch's allocator
+RESERVED_SLACK = 0.05  # allocator slack over the allocated peak, with expandable segments
+COMPONENTS = (
+    "weights",
+    "gradients",
+    "optimizer",
+    "activations",
+    "logits_and_loss",
+    "autocast_copies",
+    "step_temporaries",
+    "evaluation",
+)
+
+
+@dataclass
+class Prediction:
+    method: str
+    settings: dict[str, Any]
+    components: dict[str, int]  # bytes
+    phases: dict[str, int]  # bytes: forward_backward, optimizer_step, evaluation
+    activations_by_checkpointing: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def peak_allocated(self) -> int:
+        return max(self.phases.values())
+
+    @property
+    def peak_reserved(self) -> int:
+        return int(self.peak_allocated * (1 + RESERVED_SLACK))
+
+    @property
+    def device_total(self) -> int:
+        """What the GPU must hold: reserved memory plus the CUDA context."""
+        return self.peak_reserved + CUDA_CONTEXT
+
+    def to_dict(self) -> dict[str, Any]:
+        gib = {k: v / GIB for k, v in self.components.items()}
+        return {
+            "method": self.method,
+            "settings": self.settings,
+            "components_gib": gib,
+            "phases_gib": {k: v / GIB for k, v in self.phases.items()},
+            "activations_gib_by_checkpointing": {
+                k: v / GIB for k, v in self.activations_by_checkpointing.items()
+            },
+            "peak_allocated_gib": self.peak_allocated / GIB,
+            "peak_reserved_gib": self.peak_reserved / GIB,
+            "device_total_gib": self.device_total / GIB,
+        }
+
+
+# --------------------------------------------------------------------------- tracing
+
+
+class _MetaFlashAttention(torch.autograd.Function):
+    """Shapes and saved tensors of a flash attention kernel, for tracing on the meta device
+    (where torch would otherwise trace the math kernel and its T x T attention matrix)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _meta_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
+    return _MetaFlashAttention.apply(q, k, v)
+
+
+@contextlib.contextmanager
+def _flash_on_meta():
+    """Flash-style attention, and a causal mask that transformers need not inspect (it reads
+    mask values to choose, which the meta device cannot). Real runs add a boolean mask for
+    padded or packed batches: batch x seq^2 bytes, left out."""
+    import torch.nn.functional as F
+    from transformers import masking_utils
+
+    patches = [
+        (F, "scaled_dot_product_attention", _meta_sdpa),
+        (masking_utils, "find_packed_sequence_indices", lambda *a, **k: None),
+        (masking_utils, "_ignore_causal_mask_sdpa", lambda *a, **k: True),
+    ]
+    from torch.fx.experimental import _config as fx_config
+
+    if hasattr(fx_config, "meta_nonzero_assume_all_nonzero"):  # boolean masks: all true
+        patches.append((fx_config, "meta_nonzero_assume_all_nonzero", True))
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+    for obj, name, value in patches:
+        setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
+
+
+def trace_batch(cfg: Config, device: str, eval_batch: bool = False) -> dict[str, torch.Tensor]:
+    """The largest micro-batch the arm can see: every sequence at max_seq_len and every
+    position supervised (peak memory is set by the worst batch). Packed: one row."""
+    rows = cfg.eval_batch_size if eval_batch else cfg.batch_size
+    shape = (1, rows * cfg.max_seq_len) if cfg.batching == "packed" else (rows, cfg.max_seq_len)
+    ids = torch.zeros(shape, dtype=torch.long, device=device)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def _hidden_sum(model, batch):
+    """A loss without the lm head and cross-entropy: isolates their memory."""
+    from tuneoff.loss import hidden_states_out
+
+    with hidden_states_out(model):
+        hidden = model(input_ids=batch["input_ids"]).logits
+    return hidden.float().sum()
+
+
+def _forward_backward(model, batches, with_loss: bool, chunk: int) -> None:
+    from tuneoff.loss import forward_loss
+
+    for batch in batches:
+        loss = forward_loss(model, batch, chunk) if with_loss else _hidden_sum(model, batch)
+        loss.backward()
+
+
+def _trace_cfg(cfg: Config, runtime: Runtime) -> tuple[Config, torch.dtype]:
+    """The config traced on meta and the dtype activations have in the real run. QLoRA is
+    traced as LoRA (the 4-bit weights are added by formula), 8-bit AdamW as AdamW."""
+    real_dtype = weights_dtype(cfg, runtime)
+    act_dtype = real_dtype
+    if runtime.precision in ("fp16", "bf16") and runtime.device == "cuda":
+        act_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[runtime.precision]
+    dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[act_dtype]
+    method = "lora" if cfg.method == "qlora" else cfg.method
+    if method == "full" and dtype_name == "fp16":
+        dtype_name = "bf16"  # same bytes; fp16 is refused for full weights
+    return cfg.replace(method=method, weights_dtype=dtype_name), act_dtype
+
+
+def _meta_model(arch_config: Any, cfg: Config) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            arch_config, dtype=torch.float32, attn_implementation="sdpa"
+        )
+    return prepare_model(model, cfg, Runtime("cpu", "fp32", "trace"))
+
+
+def _trace_train(arch_config, cfg: Config, runtime: Runtime, with_loss: bool) -> int:
+    """Peak bytes of activations, logits and temporaries over one accumulation window's
+    forward and backward passes (gradients apart), traced on the meta device."""
+    from tuneoff.measure import TensorMemory
+
+    trace_cfg, act_dtype = _trace_cfg(cfg, runtime)
+    model = _meta_model(arch_config, trace_cfg).to(act_dtype)  # autocast: adapters compute
+    model.train()  # in the autocast dtype too
+    batches = [trace_batch(cfg, "meta")]  # each micro-batch frees its activations
+    existing = tuple(t for b in batches for t in b.values())
+    with _flash_on_meta(), TensorMemory(model, existing) as memory:
+        _forward_backward(model, batches, with_loss, cfg.loss_chunk_size)
+    return memory.peak_bytes
+
+
+def _trace_eval(arch_config, cfg: Config, runtime: Runtime) -> int:
+    """Activation and logit bytes of one evaluation batch's forward."""
+    from tuneoff.loss import stats_tensors
+    from tuneoff.measure import TensorMemory
+
+    trace_cfg, act_dtype = _trace_cfg(cfg, runtime)
+    model = _meta_model(arch_config, trace_cfg).to(act_dtype)
+    model.eval()
+    batch = trace_batch(cfg, "meta", eval_batch=True)
+    with _flash_on_meta(), TensorMemory(model, tuple(batch.values())) as memory:
+        stats_tensors(model, batch, cfg.loss_chunk_size)
+    return memory.peak_bytes
+
+
+# --------------------------------------------------------------------------- formulas
+
+
+def _params(arch_config, cfg: Config, runtime: Runtime):
+    """(name, numel, dtype, trainable, is_quantized_linear) of the prepared model's params."""
+    trace_cfg = cfg.replace(method="lora" if cfg.method == "qlora" else cfg.method)
+    model = _meta_model(arch_config, trace_cfg)
+    real = weights_dtype(cfg, runtime)
+    head = model.get_output_embeddings()
+    linear_weights = {
+        id(m.weight)
+        for m in model.modules()
+        if type(m) is torch.nn.Linear and m is not head and m.weight.shape[0] > 0
+    }
+    out = []
+    for name, p in model.named_parameters():
+        dtype = torch.float32 if p.requires_grad and cfg.method != "full" else real
+        quantized = cfg.method == "qlora" and id(p) in linear_weights and not p.requires_grad
+        out.append((name, p.numel(), dtype, p.requires_grad, quantized))
+    return out
+
+
+def _nf4_bytes(numel: int) -> int:
+    """NF4 with double quantization: 4 bits per weight, an 8-bit scale per 64 weights, an
+    fp32 scale per 256 scales, and each layer's two code books (16 + 256 fp32 values)."""
+    return numel // 2 + math.ceil(numel / 64) + 4 * math.ceil(numel / 64 / 256) + 1088
+
+
+def _buffer_bytes(arch_config, cfg: Config) -> int:
+    model = _meta_model(arch_config, cfg.replace(method="base"))
+    return sum(b.numel() * b.element_size() for b in model.buffers())
+
+
+def _optimizer_bytes(numel: int, dtype: torch.dtype, optimizer: str) -> int:
+    if optimizer == "adamw_lean":
+        return 4 * numel
+    if optimizer == "adamw8bit" and numel >= 4096:  # bitsandbytes keeps small tensors 32-bit
+        return 2 * numel + 2 * 4 * math.ceil(numel / 256)
+    return 2 * numel * (4 if dtype == torch.float32 else torch.finfo(dtype).bits // 8)
+
+
+def _bytes(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
+def _autocast_copies(params, cfg: Config, runtime: Runtime, act_dtype: torch.dtype) -> int:
+    """fp32 weights under fp16/bf16 autocast: each linear layer's weight is cast on use, and
+    the cast is kept for backward (frozen weights: per use; trainable: cached per forward)."""
+    if act_dtype == torch.float32 or cfg.method == "qlora":
+        return 0
+    total = 0
+    for name, numel, dtype, _, _ in params:
+        if dtype == torch.float32 and name.endswith("weight") and "norm" not in name:
+            if "embed_tokens" in name and not cfg.loss_chunk_size:
+                total += numel * _bytes(act_dtype)  # tied lm head's cast, saved for backward
+            elif "embed_tokens" not in name and "lora_" not in name:
+                total += numel * _bytes(act_dtype)
+    return total
+
+
+def _step_temporaries(params, cfg: Config, runtime: Runtime) -> int:
+    trainable = [(n, d) for _, n, d, t, _ in params if t]
+    if not trainable:
+        return 0
+    if cfg.optimizer == "adamw_lean":
+        from tuneoff.optim import LEAN_SLICE
+
+        return 5 * 4 * min(LEAN_SLICE, max(n for n, _ in trainable))
+    if cfg.optimizer == "adamw" and runtime.device == "cuda" and not cfg.fused_optimizer:
+        return sum(n * _bytes(d) for n, d in trainable)  # foreach: one param-sized buffer
+    return 0
+
+
+def _residual_correction(arch_config, cfg: Config, params, act_dtype) -> int:
+    """Under autocast with fp32 weights the residual stream stays fp32, so each RMSNorm saves
+    an fp32 copy where the meta trace (in the autocast dtype) saw a half-precision one."""
+    if act_dtype == torch.float32 or not any(d == torch.float32 for _, _, d, _, _ in params):
+        return 0
+    layers = arch_config.num_hidden_layers
+    tokens = cfg.batch_size * cfg.max_seq_len
+    if cfg.gradient_checkpointing:
+        return layers * tokens * arch_config.hidden_size * 2  # only layer inputs are kept
+    return 2 * layers * tokens * arch_config.hidden_size * 2
+
+
+# --------------------------------------------------------------------------- prediction
+
+
+def predict(
+    cfg: Config, arch_config: Any, runtime: Runtime, both_checkpointing: bool = True
+) -> Prediction:
+    """Peak memory of training `cfg.method` with `cfg`'s settings on `runtime`;
+    `both_checkpointing` also traces the activations of the other checkpointing setting."""
+    params = _params(arch_config, cfg, runtime)
+    _, act_dtype = _trace_cfg(cfg, runtime)
+    weights = sum(_nf4_bytes(n) if q else n * _bytes(d) for _, n, d, _, q in params)
+    weights += _buffer_bytes(arch_config, cfg)
+    training = cfg.method != "base"
+    gradients = sum(n * _bytes(d) for _, n, d, t, _ in params if t)
+    optimizer = sum(_optimizer_bytes(n, d, cfg.optimizer) for _, n, d, t, _ in params if t)
+    if training:
+        settings = (False, True) if both_checkpointing else (cfg.gradient_checkpointing,)
+        acts = {
+            ckpt: _trace_train(
+                arch_config, cfg.replace(gradient_checkpointing=ckpt), runtime, with_loss=False
+            )
+            for ckpt in settings
+        }
+        activations = acts[cfg.gradient_checkpointing]
+        logits = max(0, _trace_train(arch_config, cfg, runtime, True) - activations)
+    else:
+        acts, activations, logits = {}, 0, 0
+    if training:
+        for ckpt in acts:
+            acts[ckpt] += _residual_correction(
+                arch_config, cfg.replace(gradient_checkpointing=ckpt), params, act_dtype
+            )
+        activations = acts[cfg.gradient_checkpointing]
+    components = {
+        "weights": weights,
+        "gradients": gradients,
+        "optimizer": optimizer,
+        "activations": activations,
+        "logits_and_loss": logits,
+        "autocast_copies": _autocast_copies(params, cfg, runtime, act_dtype) if training else 0,
+        "step_temporaries": _step_temporaries(params, cfg, runtime),
+        "evaluation": _trace_eval(arch_config, cfg, runtime),
+    }
+    held = gradients if cfg.grad_accum > 1 else 0
+    phases = {
+        "forward_backward": weights
+        + optimizer
+        + held
+        + activations
+        + logits
+        + components["autocast_copies"],
+        "optimizer_step": weights + optimizer + gradients + components["step_temporaries"],
+        "evaluation": weights + optimizer + components["evaluation"],
+    }
+    settings = settings_of(cfg, runtime)
+    return Prediction(
+        cfg.method,
+        settings,
+        components,
+        phases,
+        {"off": acts.get(False, 0), "on": acts.get(True, 0)},
+    )
+
+
+def settings_of(cfg: Config, runtime: Runtime) -> dict[str, Any]:
+    dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    return {
+        "device": runtime.device,
+        "precision": runtime.precision,
+        "weights_dtype": dtype[weights_dtype(cfg, runtime)],
+        "gradient_checkpointing": cfg.gradient_checkpointing,
+        "loss_chunk_size": cfg.loss_chunk_size,
+        "optimizer": cfg.optimizer,
+        "batching": cfg.batching,
+        "batch_size": cfg.batch_size,
+        "grad_accum": cfg.grad_accum,
+        "max_seq_len": cfg.max_seq_len,
+        "eval_batch_size": cfg.eval_batch_size,
+    }
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+def _weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights and buffers, 4-bit weights' quantization statistics included."""
+    seen, total = set(), 0
+    tensors = [*model.parameters(), *model.buffers()]
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None:
+            tensors += [state.absmax, state.code]
+            if getattr(state, "state2", None) is not None:
+                tensors += [state.state2.absmax, state.state2.code]
+    for t in tensors:
+        if torch.is_tensor(t) and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def measure(cfg: Config, arch_config: Any, runtime: Runtime) -> dict[str, Any]:
+    """A few real steps with random weights of the exact architecture (no download): bytes by
+    component counted tensor by tensor (exact on any device), and on CUDA the allocator's
+    peaks over one full accumulation window."""
+    from transformers import AutoModelForCausalLM
+
+    from tuneoff.loss import forward_stats
+    from tuneoff.measure import TensorMemory
+    from tuneoff.optim import make_optimizer, optimizer_state_bytes
+
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_config(
+        arch_config, dtype=torch.float32, attn_implementation="sdpa"
+    )
+    model = prepare_model(model, cfg, runtime).to(runtime.device)
+    model.train()
+    optimizer = make_optimizer(model, cfg, runtime.device)
+    vocab = arch_config.vocab_size
+
+    def batch(eval_batch: bool = False) -> dict[str, torch.Tensor]:
+        b = trace_batch(cfg, runtime.device, eval_batch)
+        ids = torch.randint(0, vocab, b["input_ids"].shape, device=runtime.device)
+        return {"input_ids": ids, "labels": ids.clone()}
+
+    autocast = (
+        torch.autocast(
+            "cuda", dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[runtime.precision]
+        )
+        if runtime.device == "cuda" and runtime.precision != "fp32"
+        else contextlib.nullcontext()
+    )
+    out: dict[str, Any] = {"weights": _weight_bytes(model)}
+    with autocast:
+        _forward_backward(model, [batch()], True, cfg.loss_chunk_size)  # optimizer states exist
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        peaks = {}
+        for with_loss in (False, True):
+            window = [batch() for _ in range(min(cfg.grad_accum, 2))]
+            existing = tuple(t for b in window for t in b.values())
+            with TensorMemory(model, existing) as memory:
+                _forward_backward(model, window, with_loss, cfg.loss_chunk_size)
+            peaks[with_loss] = memory.peak_bytes
+            out["gradients"] = sum(
+                p.grad.numel() * p.grad.element_size()
+                for p in model.parameters()
+                if p.grad is not None
+            )
+            optimizer.zero_grad(set_to_none=True)
+        out["activations"] = peaks[False]
+        out["logits_and_loss"] = max(0, peaks[True] - peaks[False])
+        out["optimizer"] = optimizer_state_bytes(optimizer)
+        model.eval()
+        eval_batch = batch(eval_batch=True)
+        with TensorMemory(model, tuple(eval_batch.values())) as memory:
+            forward_stats(model, eval_batch, cfg.loss_chunk_size)
+        out["evaluation"] = memory.peak_bytes
+        model.train()
+        if runtime.device == "cuda":
+            out.update(_cuda_window(model, optimizer, cfg, batch))
+    return out
+
+
+def _cuda_window(model, optimizer, cfg: Config, batch) -> dict[str, int]:
+    """The allocator's peaks over one accumulation window, its optimizer step, and one
+    evaluation batch: what `torch.cuda.max_memory_allocated` says a real step needs."""
+    from tuneoff.loss import forward_stats
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    _forward_backward(model, [batch() for _ in range(cfg.grad_accum)], True, cfg.loss_chunk_size)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    forward_stats(model, batch(eval_batch=True), cfg.loss_chunk_size)
+    model.train()
+    torch.cuda.synchronize()
+    return {
+        "cuda_peak_allocated": torch.cuda.max_memory_allocated(),
+        "cuda_peak_reserved": torch.cuda.max_memory_reserved(),
+    }
+
+
+# --------------------------------------------------------------------------- advice
+
+
+def planning_runtime(cfg: Config) -> Runtime:
+    """The runtime a plan is for: this machine's choice when it has CUDA (or `device=cpu` was
+    asked), else a GPU with the configured precision (auto: bf16)."""
+    from tuneoff.model import choose_runtime
+
+    if cfg.device == "cpu" or torch.cuda.is_available():
+        return choose_runtime(cfg)
+    precision = "bf16" if cfg.precision == "auto" else cfg.precision
+    return Runtime("cuda", precision, f"planned for a GPU with {precision} autocast")
+
+
+def _ladder(cfg: Config, runtime: Runtime, pred: Prediction) -> list[tuple[dict, str]]:
+    """Changes that lower memory, cheapest first, applicable to `cfg` now."""
+    steps: list[tuple[dict, str]] = []
+    half = runtime.precision if runtime.precision in ("bf16", "fp16") else "bf16"
+    if cfg.loss_chunk_size == 0:
+        steps.append(({"loss_chunk_size": 512}, "none: faster (no lm-head work on prompts)"))
+    if pred.phases["evaluation"] == pred.peak_allocated and cfg.eval_batch_size > 1:
+        steps.append(({"eval_batch_size": cfg.eval_batch_size // 2}, "slower evaluation only"))
+    frozen = pred.settings["weights_dtype"] == "fp32"
+    if cfg.method in ("lora", "qlora") and frozen and runtime.device == "cuda":
+        steps.append(({"weights_dtype": half}, f"none: frozen weights in {half}, faster"))
+    if cfg.method == "full" and cfg.optimizer == "adamw":
+        steps.append(({"optimizer": "adamw_lean"}, "optimizer step unfused; bf16 moments"))
+    if cfg.method == "full" and frozen and cfg.optimizer == "adamw_lean":
+        steps.append(({"weights_dtype": "bf16"}, "bf16 weights with stochastic rounding"))
+    if not cfg.gradient_checkpointing:
+        steps.append(({"gradient_checkpointing": True}, "about 30% more compute per step"))
+    if cfg.batch_size > 1:
+        change = {"batch_size": cfg.batch_size // 2, "grad_accum": cfg.grad_accum * 2}
+        steps.append((change, "same effective batch; smaller micro-batches, lower throughput"))
+    return steps
+
+
+def advise(
+    cfg: Config, arch_config: Any, runtime: Runtime, limit: int, pred: Prediction | None = None
+) -> dict[str, Any]:
+    """The cheapest changes, in order, after which the arm fits in `limit` bytes (reserved
+    memory plus the CUDA context on a GPU), and the prediction for them."""
+    pred = pred or predict(cfg, arch_config, runtime, both_checkpointing=False)
+    changes: list[dict[str, Any]] = []
+    while _needs(pred, runtime) > limit:
+        steps = _ladder(cfg, runtime, pred)
+        if not steps:
+            break
+        change, cost = steps[0]
+        cfg = cfg.replace(**change)
+        pred = predict(cfg, arch_config, runtime, both_checkpointing=False)
+        changes.append({"set": change, "cost": cost, "peak_gib": _needs(pred, runtime) / GIB})
+    return {
+        "fits": _needs(pred, runtime) <= limit,
+        "changes": changes,
+        "overrides": " ".join(f"{k}={_yaml(v)}" for c in changes for k, v in c["set"].items()),
+        "prediction": pred.to_dict(),
+    }
+
+
+def _needs(pred: Prediction, runtime: Runtime) -> int:
+    return pred.device_total if runtime.device == "cuda" else pred.peak_allocated
+
+
+def _yaml(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def plan_arms(
+    cfg: Config, methods: list[str], limit: int | None, arch_config: Any | None = None
+) -> dict[str, Any]:
+    """Prediction, verdict and advice for each method: what `tuneoff plan` prints."""
+    from tuneoff.model import load_arch_config
+
+    arch_config = arch_config or load_arch_config(cfg.model)
+    runtime = planning_runtime(cfg)
+    arms = {}
+    for method in methods:
+        arm_cfg = cfg.replace(method=method)
+        pred = predict(arm_cfg, arch_config, runtime)
+        arm = {"prediction": pred.to_dict(), "needs_gib": _needs(pred, runtime) / GIB}
+        if limit is not None:
+            arm["fits"] = _needs(pred, runtime) <= limit
+            if not arm["fits"]:
+                arm["advice"] = advise(arm_cfg, arch_config, runtime, limit, pred)
+        arms[method] = arm
+    return {
+        "model": cfg.model,
+        "parameters": _param_count(arch_config),
+        "runtime": {
+            "device": runtime.device,
+            "precision": runtime.precision,
+            "reason": runtime.reason,
+        },
+        "limit_gib": limit / GIB if limit is not None else None,
+        "cuda_context_gib": CUDA_CONTEXT / GIB if runtime.device == "cuda" else 0.0,
+        "arms": arms,
+    }
+
+
+def _param_count(arch_config: Any) -> int:
+    model = _meta_model(arch_config, Config(method="base"))
+    return sum(p.numel() for p in model.parameters())
+
+
+def measure_arms(cfg: Config, methods: list[str], arch_config: Any) -> dict[str, Any]:
+    """`tuneoff plan --measure`: for each method, the prediction for this machine's runtime
+    beside a measurement of real steps with random weights of the architecture."""
+    import gc
+
+    from tuneoff.model import choose_runtime
+
+    runtime = choose_runtime(cfg)
+    out: dict[str, Any] = {"runtime": {"device": runtime.device, "precision": runtime.precision}}
+    for method in methods:
+        arm_cfg = cfg.replace(method=method)
+        pred = predict(arm_cfg, arch_config, runtime, both_checkpointing=False)
+        measured = measure(arm_cfg, arch_config, runtime)
+        predicted = {
+            **pred.components,
+            "peak_allocated": pred.peak_allocated,
+            "peak_reserved": pred.peak_reserved,
+        }
+        if "cuda_peak_allocated" in measured:
+            measured["peak_allocated"] = measured.pop("cuda_peak_allocated")
+            measured["peak_reserved"] = measured.pop("cuda_peak_reserved")
+        out[method] = {
+            "predicted_gib": {k: v / GIB for k, v in predicted.items()},
+            "measured_gib": {k: v / GIB for k, v in measured.items()},
+        }
+        gc.collect()
+        if runtime.device == "cuda":
+            torch.cuda.empty_cache()
+    return out
