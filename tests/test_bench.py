@@ -1,0 +1,117 @@
+"""`tuneoff bench`: every arm and baseline reports every field on identical work; the seed
+baseline really is the reference recipe (padded to max_seq_len, fp32 weights, full logits)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tuneoff.bench import ModelShape, model_flops, synthetic_examples
+from tuneoff.data import IGNORE, Example
+
+FIELDS = (
+    "supervised_tokens_per_s",
+    "tokens_per_s",
+    "padding_fraction",
+    "optimizer_step_ms",
+    "mfu",
+    "flops_per_token",
+    "memory",
+    "params",
+    "batch_shapes",
+    "frozen_dtypes",
+    "time_s",
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    from transformers import Qwen2Config
+
+    path = tmp_path_factory.mktemp("arch") / "config.json"
+    config = Qwen2Config(
+        vocab_size=768,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    path.write_text(config.to_json_string())
+    return path
+
+
+@pytest.fixture(scope="module")
+def bench_report(tiny_config, tmp_path_factory):
+    from tuneoff.cli import main
+
+    pytest.importorskip("trl")
+    work = tmp_path_factory.mktemp("bench")
+    argv = ["bench", "--model", str(tiny_config), "--steps", "2", "--warmup-steps", "1"]
+    argv += ["--seq-len", "256", "--work-dir", str(work), "--device", "cpu", "--json"]
+    argv += ["batch_size=8", "grad_accum=1", "lr=1e-3"]  # tuneoff's arms; seed: 4 x 2
+    assert main(argv) == 0
+    return json.loads((work / "bench.json").read_text())
+
+
+def test_every_arm_reports_every_field(bench_report):
+    arms = {r["arm"]: r for r in bench_report["arms"]}
+    assert list(arms) == ["lora", "full", "seed", "trl"]
+    for name, arm in arms.items():
+        assert arm["status"] == "ok", (name, arm.get("reason"))
+        for key in FIELDS:
+            assert key in arm, (name, key)
+        assert arm["supervised_tokens_per_s"] > 0 and arm["tokens_per_s"] > 0
+        assert 0 <= arm["padding_fraction"] < 1
+        assert arm["optimizer_step_ms"] > 0
+        assert arm["mfu"] is None  # no peak FLOP/s on CPU
+        assert arm["memory"]["peak_rss_gib"] > 0
+        assert arm["supervised_tokens"] == arms["seed"]["supervised_tokens"]  # same examples
+        assert arm["tokens"] == arms["seed"]["tokens"]
+    for name in ("lora", "full"):
+        assert set(bench_report["ratios"][name]) == {"seed", "trl"}
+    assert arms["lora"]["batching"] == "packed"
+    assert arms["lora"]["padding_fraction"] < arms["seed"]["padding_fraction"]
+    # same initial weights and the same first batch: the same loss before any update
+    assert arms["lora"]["losses"][0] == pytest.approx(arms["seed"]["losses"][0], rel=1e-5)
+    assert arms["full"]["losses"][0] == pytest.approx(arms["seed"]["losses"][0], rel=1e-5)
+
+
+def test_seed_baseline_is_the_reference_recipe(bench_report):
+    seed = next(r for r in bench_report["arms"] if r["arm"] == "seed")
+    assert all(width == 256 for _, width in seed["batch_shapes"])  # padded to max_seq_len
+    assert all(rows == 4 for rows, _ in seed["batch_shapes"])  # micro-batch 4 ...
+    assert seed["grad_accum"] == 2  # ... with the accumulation that keeps 8 examples per step
+    assert "attention_mask" in seed["batch_keys"]
+    assert set(seed["frozen_dtypes"]) == {"torch.float32"}  # fp32 weights
+    assert set(seed["trainable_dtypes"]) == {"torch.float32"}
+    assert seed["loss_chunk_size"] == 0  # full-vocabulary logits
+    assert seed["precision"] == "fp32"  # CPU; fp16 autocast + GradScaler on CUDA
+    assert seed["padding_fraction"] > 0.3
+
+
+def test_synthetic_lengths_follow_alpaca_estimates():
+    examples = synthetic_examples(4000, 100_000, vocab=1000, eos=2, seed=0)
+    lengths = sorted(len(e.input_ids) for e in examples)
+    assert 180 < sum(lengths) / len(lengths) < 200  # mean about 190
+    assert 145 < lengths[len(lengths) // 2] < 165  # median about 155
+    assert all(e.input_ids[-1] == 2 and e.labels[-1] == 2 for e in examples)  # EOS supervised
+    cut = synthetic_examples(200, 256, vocab=1000, eos=2, seed=0)
+    assert max(len(e.input_ids) for e in cut) == 256
+    assert all(e.labels[0] == IGNORE for e in cut)
+
+
+def test_model_flops_by_hand():
+    shape = ModelShape(body_params=100, head_params=10, attn_dim=4, layers=2)
+    example = Example([1, 2, 3], [IGNORE, 2, 3], False)  # 3 tokens, 2 supervised
+    attention = 6 * 4 * 2 * 9
+    assert model_flops([example], shape, full=True, lora_params=0) == 6 * 100 * 3 + 6 * 10 * 2 + (
+        attention
+    )
+    lora = model_flops([example], shape, full=False, lora_params=5)
+    assert lora == 4 * 100 * 3 + 6 * 5 * 3 + 4 * 10 * 2 + attention
