@@ -127,6 +127,10 @@ def test_an_oom_in_one_arm_becomes_a_row(tmp_path, monkeypatch):
     assert full["memory"]["peak_rss_gib"] > 0  # the memory reached is reported
     assert lora["status"] == "ok" and lora["training"]["optimizer_steps"] == 2
     assert "**oom**" in (out / "report.md").read_text()
+    # The planner's prediction is recorded beside the measurement, and advice with the OOM.
+    for arm in (full, lora):
+        assert arm["memory_plan"]["predicted"]["peak_allocated_gib"] > 0
+    assert "fits" in full["advice"] and "Predicted peak" in (out / "report.md").read_text()
 
 
 def test_confound_list_flags_any_difference_but_method():

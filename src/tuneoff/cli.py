@@ -42,6 +42,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
     p.add_argument(
+        "--memory-budget",
+        help="cap each arm's CUDA memory, e.g. 16GiB, to reproduce a smaller GPU; an arm that "
+        "does not fit becomes an 'oom' row with the planner's advice (key: memory_budget)",
+    )
+    p.add_argument(
         "overrides",
         nargs="*",
         metavar="key=value",
@@ -85,7 +90,161 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print input_ids and labels as JSON")
     p = sub.add_parser("report", help="rebuild report.md and loss_curves.png of a run")
     p.add_argument("run", help="run directory")
+    _add_deploy_parsers(sub)
+    _add_bench_parser(sub)
+    _add_plan_parser(sub)
     return parser
+
+
+def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="predict each arm's peak GPU memory before running it, and what makes it fit",
+        description="Trace each arm's training step on the meta device (no weights, no "
+        "download) and predict its peak memory by component: weights, gradients, optimizer "
+        "states, activations, logits and loss, autocast copies, evaluation. With --gpu-memory: "
+        "fits or not, and the cheapest settings that make it fit. Planned for a GPU (bf16 "
+        "autocast unless precision=fp16/fp32) unless device=cpu.",
+    )
+    p.add_argument("--preset", help=f"start from a preset: {', '.join(preset_names())}")
+    p.add_argument("--config", help="YAML file of config keys, applied over the preset")
+    p.add_argument(
+        "--model",
+        help="shipped config (qwen2.5-0.5b/1.5b/3b/7b, llama-3.2-1b/3b, with or without "
+        "-instruct), hub id, local model directory or config.json",
+    )
+    p.add_argument("--methods", help=f"comma-separated, from {', '.join(TRAINING_METHODS)}")
+    p.add_argument("--gpu-memory", help="the GPU's memory, e.g. 16GiB or 24GB (default: this GPU)")
+    p.add_argument(
+        "--measure",
+        action="store_true",
+        help="also run a few real steps with random weights of the architecture on this "
+        "machine (CUDA if present, else CPU) and print predicted vs measured per component",
+    )
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="training throughput of tuneoff vs the reference recipe and TRL",
+        description="Train each method and baseline for a few steps, each in its own process, "
+        "on identical batches of the exact architecture with random weights (no download), "
+        "and print supervised tokens/s, tokens/s, padding, optimizer-step time, MFU and peak "
+        "memory, with the ratios tuneoff / baseline. Hyperparameters: the reference's (the "
+        "config defaults) unless --preset/--config/key=value say otherwise.",
+    )
+    p.add_argument("--preset", help=f"start from a preset: {', '.join(preset_names())}")
+    p.add_argument("--config", help="YAML file of config keys, applied over the preset")
+    p.add_argument("--model", help="shipped config name (qwen2.5-1.5b), hub id or local path")
+    p.add_argument("--methods", default="lora,full", help="tuneoff arms (default lora,full)")
+    p.add_argument(
+        "--baselines", default="seed,trl", help="from seed, trl; 'none' for none (default both)"
+    )
+    p.add_argument("--dataset", help="tokenize batches from this dataset (default: synthetic)")
+    p.add_argument("--steps", type=int, default=10, help="measured optimizer steps (10)")
+    p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps first (2)")
+    p.add_argument("--batch-size", type=int, help="micro-batch of every arm (seed: 4)")
+    p.add_argument("--grad-accum", type=int, help="accumulation steps (config: grad_accum)")
+    p.add_argument(
+        "--seq-len", type=int, help="max tokens per example (256; with --config: its max_seq_len)"
+    )
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="config key: device")
+    p.add_argument("--work-dir", help="where examples and per-arm results go (default: a temp dir)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides for tuneoff's arms, e.g. batching=longest loss_chunk_size=0",
+    )
+
+
+def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "merge",
+        help="merge a LoRA adapter into its base model, verified",
+        description="Merge an adapter into its base and write a safetensors model + tokenizer "
+        "that plain transformers loads. Checked first: merged logits against base + adapter on "
+        "held-out examples (fp32), no NaN/Inf; a QLoRA adapter merges onto the dequantized "
+        "4-bit base.",
+    )
+    p.add_argument("source", help="adapter directory, or a lora/qlora arm dir (runs/<name>/lora)")
+    p.add_argument("--out", required=True, help="directory for the merged model")
+    p.add_argument("--model", help="base model (default: the arm's config / the adapter's)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="dtype of the written weights (default: the base's stored dtype)",
+    )
+    p.add_argument("--examples", type=int, default=4, help="held-out examples checked (4)")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max |logit diff| (1e-4)")
+    p.add_argument(
+        "--base-4bit",
+        action="store_true",
+        help="merge onto the dequantized 4-bit base (default: when the arm's method is qlora)",
+    )
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier merge output")
+    p = sub.add_parser(
+        "generate",
+        help="answer a prompt with the base model or base + adapter",
+        description="Generate with the chat template applied, greedy unless --temperature > 0, "
+        "streamed to the terminal.",
+    )
+    p.add_argument("prompt", help="the user message ('-': read it from stdin)")
+    p.add_argument("--model", help="base model (default: the adapter's base)")
+    p.add_argument("--adapter", help="adapter directory or lora/qlora arm dir")
+    p.add_argument("--system", help="a system message before the prompt")
+    p.add_argument("--raw", action="store_true", help="no chat template: the prompt as is")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = no top-k cut")
+    p.add_argument("--seed", type=int, help="sampling seed")
+    p.add_argument("--no-stream", action="store_true", help="print the answer at the end")
+    _add_device_options(p)
+    p = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible server: one base model, many adapters",
+        description="Serve the base model and every adapter behind an OpenAI-compatible API "
+        "(/v1/models, /v1/completions, /v1/chat/completions, /health); a request's `model` "
+        "names the base or an adapter. Needs the serve extra: pip install 'tuneoff[serve]'. "
+        "Runtime load/unload (POST /v1/adapters, DELETE /v1/adapters/NAME) exist only when "
+        "the TUNEOFF_ADMIN_KEY environment variable is set.",
+    )
+    p.add_argument("--model", help="base model (default: the first adapter's base)")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="serve an adapter under NAME (repeatable); PATH: adapter dir or arm dir",
+    )
+    p.add_argument("--adapters-dir", help="serve every adapter in this directory, by dir name")
+    p.add_argument(
+        "--base-name", help="the base model's name in requests (default: --model; a dir: its name)"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-tokens-cap", type=int, default=512, help="max_tokens limit (512)")
+    p.add_argument(
+        "--max-prompt-tokens", type=int, help="prompt limit (default: the context length)"
+    )
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit")
+    _add_device_options(p)
+
+
+def _add_device_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="weights dtype (auto: fp32 on CPU, bf16 on CUDA)",
+    )
 
 
 # --------------------------------------------------------------------------- config from args
@@ -95,7 +254,8 @@ def resolve_args(args: argparse.Namespace) -> tuple[Config, dict, str]:
     from tuneoff.config import parse_overrides, resolve
 
     overrides = parse_overrides(args.overrides)
-    for key in ("model", "dataset", "name", "output_dir", "max_steps", "limit", "method"):
+    keys = ("model", "dataset", "name", "output_dir", "max_steps", "limit", "method")
+    for key in (*keys, "memory_budget"):
         value = getattr(args, key, None)
         if value is not None:
             overrides[key] = value
@@ -171,10 +331,27 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(f"tuneoff compare: {preset} preset, arms base + {', '.join(cfg.methods)} -> {run_dir}")
     for method in ["base", *cfg.methods]:
         _run_arm_process(method, run_dir, per_arm.get(method, {}), args.resume)
+    _measure_deployment(run_dir)
     report_path, table = write_report(run_dir)
     print(table)
     print(f"\nreport: {report_path}")
     return 0
+
+
+def _measure_deployment(run_dir: Path) -> None:
+    """deployment.json for the report when a LoRA-type arm finished; a failure here is one
+    line on stderr and never loses the comparison."""
+    import torch
+
+    from tuneoff.merge import measure_deployment
+    from tuneoff.model import ModelError
+
+    try:
+        if measure_deployment(run_dir):
+            print(f"\ndeployment figures: {run_dir / 'deployment.json'}")
+    except (ModelError, ConfigError, OSError, torch.OutOfMemoryError) as err:
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        print(f"tuneoff: deployment figures skipped: {first}", file=sys.stderr)
 
 
 def _load_unless_split(cfg: Config, run_dir: Path, resume: bool) -> list[dict] | None:
@@ -274,12 +451,208 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from tuneoff.engine import choose_device
+    from tuneoff.merge import MARKER, merge_adapter
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        if not args.overwrite:
+            raise UsageError(f"{out} already exists: pass --overwrite or choose another --out")
+        if not (out / MARKER).is_file():
+            raise UsageError(
+                f"{out} exists and is not a tuneoff merge output; refusing to replace it: "
+                "choose another --out"
+            )
+    if args.examples < 1 or not args.tolerance > 0:
+        raise UsageError("--examples must be >= 1 and --tolerance above 0")
+    device = choose_device(args.device)[0]
+    print(f"tuneoff merge: {args.source} -> {out} (checking on {device})", flush=True)
+    r = merge_adapter(
+        Path(args.source),
+        out,
+        args.model,
+        args.dtype,
+        args.examples,
+        args.tolerance,
+        True if args.base_4bit else None,
+        device,
+    )
+    base = "dequantized 4-bit base" if r["quantized_base"] else "base"
+    print(
+        f"check: max |logit difference| merged vs {base} + adapter: {r['max_abs_diff']:.3g} "
+        f"(fp32, {r['examples']} examples, {r['tokens']} tokens; limit {r['tolerance']:g})"
+    )
+    if r["quantized_base"]:
+        print(f"       vs 4-bit base + adapter: {r['max_abs_diff_vs_4bit']:.3g}")
+        print(f"       vs full-precision base + adapter: {r['max_abs_diff_vs_full']:.3g}")
+    print(
+        f"read back with transformers ({r['dtype']}): max |logit difference| "
+        f"{r['max_abs_diff_reloaded']:.3g}"
+    )
+    print(f"\nmerged model ({r['dtype']}, safetensors + tokenizer): {out}")
+    return 0
+
+
+def _adapter_args(items: list[str]) -> dict[str, Path]:
+    from tuneoff.engine import check_adapter_name, find_adapter_dir
+
+    adapters: dict[str, Path] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not path:
+            raise UsageError(f"--adapter {item!r}: expected NAME=PATH, e.g. sql=runs/b/lora")
+        if name in adapters:
+            raise UsageError(f"--adapter {name!r} given twice: choose distinct names")
+        adapters[check_adapter_name(name)] = find_adapter_dir(Path(path))
+    return adapters
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tuneoff.engine import Engine, Sampling, base_model_of, find_adapter_dir
+
+    adapters = {"adapter": find_adapter_dir(Path(args.adapter))} if args.adapter else {}
+    model = args.model or (base_model_of(adapters["adapter"]) if adapters else None)
+    if not model:
+        raise UsageError("pass --model (the base model), --adapter, or both")
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise UsageError("need --max-new-tokens >= 1, --temperature >= 0, 0 < --top-p <= 1")
+    engine = Engine(model, adapters, device=args.device, dtype=args.dtype)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    messages.append({"role": "user", "content": prompt})
+    ids = engine.text_ids(prompt) if args.raw else engine.chat_prompt_ids(messages)
+    sampling = Sampling(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    name = "adapter" if adapters else engine.base_name
+    try:
+        if args.no_stream:
+            print(engine.complete(name, ids, sampling).text)
+            return 0
+        for delta in engine.generate(name, ids, sampling):
+            print(delta.text, end="", flush=True)
+    except KeyboardInterrupt:  # stop generating; there is nothing to resume
+        print()
+        return 130
+    print()
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn  # noqa: F401
+
+        from tuneoff.serve import Limits, serve
+    except ModuleNotFoundError as err:
+        if err.name not in ("fastapi", "uvicorn", "starlette", "pydantic"):
+            raise
+        raise UsageError(f"tuneoff serve needs {err.name}: pip install 'tuneoff[serve]'") from None
+    from tuneoff.engine import Engine, base_model_of, scan_adapters_dir
+
+    adapters = _adapter_args(args.adapter)
+    root = Path(args.adapters_dir) if args.adapters_dir else None
+    for name, path in (scan_adapters_dir(root) if root else {}).items():
+        if name in adapters:
+            raise UsageError(f"adapter {name!r} is both in --adapter and in {root}: rename one")
+        adapters[name] = path
+    model = args.model or (base_model_of(next(iter(adapters.values()))) if adapters else None)
+    if not model:
+        raise UsageError("pass --model (the base model), or adapters to take it from")
+    if min(args.max_tokens_cap, args.max_body_bytes, args.max_prompt_tokens or 1) < 1:
+        raise UsageError("--max-tokens-cap, --max-prompt-tokens, --max-body-bytes must be >= 1")
+    admin_key = os.environ.get("TUNEOFF_ADMIN_KEY") or None
+    engine = Engine(model, adapters, args.device, args.dtype, base_name=args.base_name)
+    limits = Limits(args.max_tokens_cap, args.max_prompt_tokens, args.max_body_bytes)
+    print(f"tuneoff serve: models {', '.join(engine.names())} ({engine.device})")
+    admin = "on (TUNEOFF_ADMIN_KEY)" if admin_key else "off (set TUNEOFF_ADMIN_KEY to enable)"
+    print(f"OpenAI-compatible API at http://{args.host}:{args.port}/v1; admin endpoints {admin}")
+    serve(engine, args.host, args.port, limits, admin_key, root)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tuneoff import bench
+    from tuneoff.config import parse_overrides, resolve
+    from tuneoff.model import choose_runtime
+
+    overrides = parse_overrides(args.overrides)
+    if "precision" not in overrides:
+        overrides["precision"] = "auto"  # tuneoff's arms: bf16 where the GPU has it
+    flags = {"model": args.model, "device": args.device, "batch_size": args.batch_size}
+    seq_len = args.seq_len or (None if args.config or "max_seq_len" in overrides else 256)
+    flags.update({"grad_accum": args.grad_accum, "max_seq_len": seq_len})
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    cfg, per_arm = resolve(args.preset, args.config, overrides)
+    if per_arm:
+        raise UsageError(f"bench takes no per-arm overrides ({sorted(per_arm)})")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    cfg = cfg.replace(methods=methods)  # validates the names
+    baselines = [b.strip() for b in args.baselines.split(",") if b.strip() not in ("", "none")]
+    if set(baselines) - set(bench.BASELINES):
+        raise UsageError(f"--baselines {args.baselines}: choose from {', '.join(bench.BASELINES)}")
+    if args.steps < 1 or args.warmup_steps < 0:
+        raise UsageError("--steps must be >= 1 and --warmup-steps >= 0")
+    device = choose_runtime(cfg).device
+    work_dir = Path(args.work_dir) if args.work_dir else bench.default_work_dir()
+    n = (args.steps + args.warmup_steps) * cfg.batch_size * cfg.grad_accum
+    examples, source = bench.build_examples(cfg, args.dataset, n)
+    plan = bench.BenchPlan(cfg, methods, baselines, args.steps, args.warmup_steps, work_dir)
+    stats = bench.length_stats(examples)
+    print(
+        f"tuneoff bench: {cfg.model} ({device}), {', '.join(methods + baselines)}; {source}: "
+        f"{args.steps} steps of {cfg.batch_size} x {cfg.grad_accum} examples, mean "
+        f"{stats['mean_tokens']:.0f} tokens, max_seq_len {cfg.max_seq_len}",
+        file=sys.stderr,
+    )
+    report = bench.run_bench(plan, examples, device, args.batch_size)
+    report = {"model": cfg.model, "device": device, "data": {"source": source, **stats}, **report}
+    (work_dir / "bench.json").write_text(json.dumps(report, indent=1) + "\n")
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(bench.format_table(report))
+        print(f"\nresults: {work_dir / 'bench.json'}")
+    return 0 if all(r["status"] in ("ok", "skipped") for r in report["arms"]) else 1
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import torch
+
+    from tuneoff.config import parse_overrides, parse_size, resolve
+    from tuneoff.model import load_arch_config
+    from tuneoff.plan import measure_arms, plan_arms
+    from tuneoff.report import format_plan
+
+    overrides = parse_overrides(args.overrides)
+    if args.model:
+        overrides["model"] = args.model
+    if args.methods:
+        overrides["methods"] = args.methods
+    cfg, _ = resolve(args.preset or (None if args.config else "seed"), args.config, overrides)
+    limit = parse_size(args.gpu_memory, "--gpu-memory") if args.gpu_memory else None
+    if limit is None and torch.cuda.is_available():
+        limit = torch.cuda.get_device_properties(0).total_memory
+    arch = load_arch_config(cfg.model)
+    result = plan_arms(cfg, cfg.methods, limit, arch)
+    if args.measure:
+        result["measured"] = measure_arms(cfg, cfg.methods, arch)
+    print(json.dumps(result, indent=2) if args.json else format_plan(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     # Library chatter (weight-loading bars, deprecation notices) would bury tuneoff's own output.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # Variable batch shapes fragment the CUDA cache (reserved was 2x allocated without this).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     warnings.filterwarnings("ignore", category=FutureWarning)
     from tuneoff.data import DataError
     from tuneoff.model import ModelError
@@ -289,6 +662,11 @@ def main(argv: list[str] | None = None) -> int:
         "train": cmd_train,
         "inspect": cmd_inspect,
         "report": cmd_report,
+        "merge": cmd_merge,
+        "generate": cmd_generate,
+        "serve": cmd_serve,
+        "bench": cmd_bench,
+        "plan": cmd_plan,
     }
     try:
         return commands[args.command](args)

@@ -8,6 +8,7 @@ its field's type and validated in `__post_init__`, so a bad key or value is one 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import types
 import typing
@@ -148,6 +149,7 @@ class Config:
         return Config(**{**self.to_dict(), **changes})
 
 
+@functools.cache
 def _field_types() -> dict[str, Any]:
     return typing.get_type_hints(Config)
 

@@ -233,6 +233,9 @@ def quantize_4bit(model: torch.nn.Module, compute_dtype: torch.dtype, device: st
             )
             if child.bias is not None:
                 layer.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+            # bitsandbytes repacks 4-bit weights in place for its CPU inference kernel on the
+            # first eval-mode call, after which training steps fail: keep one layout throughout.
+            layer.support_avx512bf16_for_cpu = False
             setattr(module, name, layer.to(device))
     model.is_loaded_in_4bit = True  # PEFT picks its 4-bit LoRA layer on this flag
 

@@ -240,9 +240,14 @@ def _nf4_bytes(numel: int) -> int:
     return numel // 2 + math.ceil(numel / 64) + 4 * math.ceil(numel / 64 / 256) + 1088
 
 
-def _buffer_bytes(arch_config, cfg: Config) -> int:
-    model = _meta_model(arch_config, cfg.replace(method="base"))
-    return sum(b.numel() * b.element_size() for b in model.buffers())
+def _buffer_bytes(arch_config, cfg: Config, runtime: Runtime) -> int:
+    """Buffers (rotary frequencies): floating ones take the weights' dtype, as `model.to`."""
+    model = _meta_model(arch_config, cfg.replace(method="base", weights_dtype="fp32"))
+    dtype = weights_dtype(cfg, runtime)
+    return sum(
+        b.numel() * (_bytes(dtype) if b.is_floating_point() else b.element_size())
+        for b in model.buffers()
+    )
 
 
 def _optimizer_bytes(numel: int, dtype: torch.dtype, optimizer: str) -> int:
@@ -308,7 +313,7 @@ def predict(
     params = _params(arch_config, cfg, runtime)
     _, act_dtype = _trace_cfg(cfg, runtime)
     weights = sum(_nf4_bytes(n) if q else n * _bytes(d) for _, n, d, _, q in params)
-    weights += _buffer_bytes(arch_config, cfg)
+    weights += _buffer_bytes(arch_config, cfg, runtime)
     training = cfg.method != "base"
     gradients = sum(n * _bytes(d) for _, n, d, t, _ in params if t)
     optimizer = sum(_optimizer_bytes(n, d, cfg.optimizer) for _, n, d, t, _ in params if t)
@@ -409,9 +414,10 @@ def measure(cfg: Config, arch_config: Any, runtime: Runtime) -> dict[str, Any]:
     from tuneoff.optim import make_optimizer, optimizer_state_bytes
 
     torch.manual_seed(cfg.seed)
-    model = AutoModelForCausalLM.from_config(
-        arch_config, dtype=torch.float32, attn_implementation="sdpa"
-    )
+    with torch.device(runtime.device):  # random weights made where they will live
+        model = AutoModelForCausalLM.from_config(
+            arch_config, dtype=torch.float32, attn_implementation="sdpa"
+        )
     model = prepare_model(model, cfg, runtime).to(runtime.device)
     model.train()
     optimizer = make_optimizer(model, cfg, runtime.device)
@@ -436,7 +442,7 @@ def measure(cfg: Config, arch_config: Any, runtime: Runtime) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         peaks = {}
         for with_loss in (False, True):
-            window = [batch() for _ in range(min(cfg.grad_accum, 2))]
+            window = [batch()]  # one micro-batch: later ones reach the same peak
             existing = tuple(t for b in window for t in b.values())
             with TensorMemory(model, existing) as memory:
                 _forward_backward(model, window, with_loss, cfg.loss_chunk_size)

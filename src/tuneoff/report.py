@@ -82,6 +82,25 @@ def _memory(summary: dict) -> str:
     return "–"
 
 
+def _predicted(summary: dict) -> str:
+    """The planner's prediction beside the measured peak: on CUDA the same quantities; on CPU
+    the prediction counts tensors only, the RSS everything in the process."""
+    plan = summary.get("memory_plan") or {}
+    pred = plan.get("predicted")
+    if not pred:
+        return f"– ({plan['error']})" if plan.get("error") else "–"
+    text = f"{pred['peak_reserved_gib']:.2f} GiB ({pred['peak_allocated_gib']:.2f} allocated)"
+    measured = (summary.get("memory") or {}).get("peak_allocated_gib")
+    if measured:
+        text += f"; measured / predicted {measured / pred['peak_allocated_gib']:.2f}"
+    elif (summary.get("memory") or {}).get("peak_rss_gib"):
+        text = f"{pred['peak_allocated_gib']:.3f} GiB of tensors"
+    advice = summary.get("advice") or {}
+    if summary.get("status") == "oom" and advice.get("overrides"):
+        text += f"; fits with: {advice['overrides']}"
+    return text
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -112,6 +131,7 @@ def resources_rows(summaries: dict[str, dict]) -> list[list[str]]:
     return [
         row("Status", _status),
         row("Peak memory", _memory),
+        row("Predicted peak (planner)", _predicted),
         row("Time per epoch", _epoch_time),
         row("Training duration", lambda s: _duration(_get(s, "training", "train_time_s"))),
         row("Arm wall time (with eval)", lambda s: _duration(s.get("total_time_s"))),
@@ -320,6 +340,9 @@ def write_report(run_dir: Path) -> tuple[Path, str]:
         "## Generation (held-out test prompts)",
         _table(["Metric", *summaries], generation_rows(summaries)),
     ]
+    deployment = deployment_section(run_dir)
+    if deployment:
+        parts += ["## Deployment", deployment]
     parts += ["## Data", data_section(any_arm)]
     parts += ["## Confounds", confound_section(summaries)]
     if plot:
@@ -347,6 +370,57 @@ def data_section(summary: dict) -> str:
         "room for a response token. The train-split metrics use a fixed sample."
     )
     return _table(["Split", "Examples", "Truncated", "Dropped", "sha256"], rows) + "\n\n" + note
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _memory_of(n: str):
+    def cell(arm: dict) -> str:
+        memory = arm["memory_bytes"][n]
+        return f"{_bytes(memory['one_base_n_adapters'])} / {_bytes(memory['n_merged'])}"
+
+    return cell
+
+
+def deployment_section(run_dir: Path) -> str | None:
+    """Adapter vs model size, memory of N fine-tunes served as adapters on one base vs as N
+    merged models, and adapter switch latency, from `deployment.json` (`tuneoff compare`)."""
+    path = run_dir / "deployment.json"
+    if not path.is_file():
+        return None
+    d = json.loads(path.read_text())
+    arms, dtype = d["arms"], d["stored_dtype"]
+
+    def row(label: str, fn) -> list[str]:
+        return [label] + [fn(a) for a in arms.values()]
+
+    def share(a: dict) -> str:
+        return f"{_bytes(a['adapter_bytes'])} ({100 * a['adapter_share_of_base']:.2f}% of the base)"
+
+    rows = [
+        row("Adapter on disk (safetensors)", lambda a: _bytes(a["adapter_bytes_on_disk"])),
+        row(f"Adapter weights ({dtype})", share),
+        row(f"Base model weights ({dtype})", lambda a: _bytes(d["base_bytes"])),
+    ]
+    if "full_model_bytes_on_disk" in d:
+        full = _bytes(d["full_model_bytes_on_disk"])
+        rows.append(row("Full fine-tuned model on disk (full arm)", lambda a: full))
+    for n in next(iter(arms.values()))["memory_bytes"]:
+        rows.append(row(f"Serving {n}: one base + adapters / merged models", _memory_of(n)))
+    s = d["switch"]
+    note = (
+        f"Memory is weights only, in the base's stored dtype. Adapter switch on {s['device']}: "
+        f"set_adapter {s['set_adapter_ms']:.2f} ms; a forward pass of {s['prompt_tokens']} "
+        f"tokens {s['forward_ms']:.2f} ms with the adapter active, "
+        f"{s['switch_and_forward_ms']:.2f} ms right after a switch "
+        f"({s['switch_overhead_ms']:+.2f} ms); medians of {s['repeats']}."
+    )
+    return _table(["Metric", *arms], rows) + "\n\n" + note
 
 
 # --------------------------------------------------------------------------- inspect
@@ -392,3 +466,91 @@ def inspect_examples(path: Path, split: str, limit: int, as_json: bool = False) 
         )
         out.append("|".join(shown))
     return json.dumps(rows) if as_json else "\n".join(out)
+
+
+# --------------------------------------------------------------------------- tuneoff plan
+
+PLAN_ROWS = (
+    ("weights", "weights"),
+    ("gradients", "gradients"),
+    ("optimizer", "optimizer states"),
+    ("activations", "activations"),
+    ("logits_and_loss", "logits and loss"),
+    ("autocast_copies", "autocast weight copies"),
+    ("step_temporaries", "optimizer-step temporaries"),
+    ("evaluation", "evaluation batch"),
+)
+
+
+def format_plan(result: dict[str, Any]) -> str:
+    """The text `tuneoff plan` prints: per arm, components in GiB, peaks, verdict, advice."""
+    arms = result["arms"]
+    names = list(arms)
+    rt = result["runtime"]
+    head = (
+        f"tuneoff plan: {result['model']} ({result['parameters']:,} parameters), "
+        f"{rt['device']} {rt['precision']} ({rt['reason']})"
+    )
+    first = arms[names[0]]["prediction"]["settings"]
+    head += (
+        f"\nmicro-batch {first['batch_size']} x {first['max_seq_len']} tokens "
+        f"({first['batching']}), accumulation {first['grad_accum']}, "
+        f"eval batch {first['eval_batch_size']}; every value in GiB"
+    )
+    rows = []
+    for key, label in PLAN_ROWS:
+        rows.append(
+            [label] + [_num(arms[m]["prediction"]["components_gib"][key], 2) for m in names]
+        )
+    ckpt = [arms[m]["prediction"]["activations_gib_by_checkpointing"] for m in names]
+    rows.append(["  activations, checkpointing off"] + [_num(c.get("off"), 2) for c in ckpt])
+    rows.append(["  activations, checkpointing on"] + [_num(c.get("on"), 2) for c in ckpt])
+    rows.append(
+        ["peak allocated"] + [_num(arms[m]["prediction"]["peak_allocated_gib"], 2) for m in names]
+    )
+    rows.append(
+        ["peak reserved"] + [_num(arms[m]["prediction"]["peak_reserved_gib"], 2) for m in names]
+    )
+    if result["cuda_context_gib"]:
+        rows.append(["+ CUDA context"] + [_num(result["cuda_context_gib"], 2)] * len(names))
+    rows.append(["needs"] + [_num(arms[m]["needs_gib"], 2) for m in names])
+    if result["limit_gib"] is not None:
+        rows.append(
+            [f"fits {result['limit_gib']:.1f} GiB"]
+            + ["yes" if arms[m]["fits"] else "NO" for m in names]
+        )
+    lines = [head, "", _table(["", *names], rows)]
+    for m in names:
+        advice = arms[m].get("advice")
+        if not advice:
+            continue
+        if not advice["changes"]:
+            lines.append(f"\n{m}: nothing tuneoff can set makes it fit")
+            continue
+        verdict = "fits" if advice["fits"] else "still does not fit"
+        last = advice["changes"][-1]["peak_gib"]
+        lines.append(f"\n{m} {verdict} with: {advice['overrides']}  (needs {last:.2f} GiB)")
+        for change in advice["changes"]:
+            setting = " ".join(f"{k}={str(v).lower()}" for k, v in change["set"].items())
+            lines.append(
+                f"  {setting:<40} -> {change['peak_gib']:6.2f} GiB; cost: {change['cost']}"
+            )
+    if "measured" in result:
+        lines.append("\n" + format_measured(result["measured"]))
+    return "\n".join(lines)
+
+
+def format_measured(measured: dict[str, Any]) -> str:
+    """Predicted vs measured per component (`tuneoff plan --measure`)."""
+    rt = measured["runtime"]
+    lines = [f"predicted vs measured with random weights on {rt['device']} ({rt['precision']})"]
+    for method, arm in measured.items():
+        if method == "runtime":
+            continue
+        rows = []
+        for key, value in arm["measured_gib"].items():
+            pred = arm["predicted_gib"].get(key)
+            ratio = f"{pred / value:.3f}" if pred is not None and value else "-"
+            rows.append([key, _num(pred, 4), _num(value, 4), ratio])
+        lines += ["", f"{method}:", _table(["", "predicted GiB", "measured GiB", "ratio"], rows)]
+    return "\n".join(lines)

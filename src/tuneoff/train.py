@@ -27,14 +27,17 @@ from tuneoff.config import Config, write_yaml
 from tuneoff.data import (
     IGNORE,
     Example,
-    collate,
     epoch_batches,
     eval_batches,
+    make_batch,
+    packed_row_tokens,
+    packing_isolates,
     read_splits,
     supervised_tokens,
     tokenize_split,
 )
-from tuneoff.evaluate import evaluate, evaluate_generation, evaluate_splits, loss_sum
+from tuneoff.evaluate import evaluate, evaluate_generation, evaluate_splits
+from tuneoff.loss import forward_loss
 from tuneoff.model import (
     Runtime,
     choose_runtime,
@@ -43,6 +46,7 @@ from tuneoff.model import (
     load_tokenizer,
     prepare_model,
 )
+from tuneoff.optim import make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -60,18 +64,6 @@ class TrainState:
 
 
 # --------------------------------------------------------------------------- setup
-
-
-def make_optimizer(model: torch.nn.Module, cfg: Config, device: str) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(
-        params,
-        lr=cfg.lr,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        eps=cfg.adam_eps,
-        weight_decay=cfg.weight_decay,
-        fused=device == "cuda",
-    )
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int) -> Any:
@@ -96,11 +88,15 @@ def plan_steps(n_examples: int, cfg: Config, world_size: int) -> tuple[int, int]
     return per_epoch, min(total, cfg.max_steps) if cfg.max_steps else total
 
 
-def epoch_windows(n_examples: int, cfg: Config, epoch: int, rank: int, world: int) -> list:
+def epoch_windows(
+    n_examples: int, cfg: Config, epoch: int, rank: int, world: int, lengths: list | None = None
+) -> list:
     """This process's micro-batches of one epoch, grouped by accumulation window. Each entry is
     (example indices, supervised). A process left without a batch in the last window gets a
-    copy of another's with supervision off, since DDP needs every process in each backward."""
-    batches = epoch_batches(n_examples, cfg.batch_size, cfg.seed, epoch)
+    copy of another's with supervision off, since DDP needs every process in each backward.
+    `lengths` (the examples' token counts) are used when `group_by_length` is on."""
+    lengths = lengths if cfg.group_by_length else None
+    batches = epoch_batches(n_examples, cfg.batch_size, cfg.seed, epoch, lengths)
     size = cfg.grad_accum * world
     out = []
     for start in range(0, len(batches), size):
@@ -114,13 +110,19 @@ def loader_workers(cfg: Config) -> int:
     return min(cfg.num_workers, os.cpu_count() or 1)
 
 
-def make_loader(examples: list[Example], micro: list, pad_id: int, cfg: Config, device: str):
-    """Collates micro-batches in `num_workers` background processes (capped at the CPU count)."""
+def make_loader(
+    examples: list[Example], micro: list, pad_id: int, cfg: Config, device: str, model=None
+):
+    """Collates micro-batches (`cfg.batching`; packed rows sized for `model`) in `num_workers`
+    background processes (capped at the CPU count), each keeping 4 batches ready; pinned on
+    CUDA so that copies overlap compute."""
     workers = loader_workers(cfg)
+    config = getattr(getattr(model, "module", model), "config", None)  # DDP, PEFT: the base's
+    row_tokens = packed_row_tokens(cfg.max_seq_len, getattr(config, "hidden_size", None))
 
     def load(item: tuple[list[int], bool]) -> dict[str, torch.Tensor]:
         idx, supervised = item
-        batch = collate([examples[i] for i in idx], pad_id)
+        batch = make_batch([examples[i] for i in idx], pad_id, cfg, row_tokens=row_tokens)
         if not supervised:
             batch["labels"] = torch.full_like(batch["labels"], IGNORE)
         return batch
@@ -131,6 +133,7 @@ def make_loader(examples: list[Example], micro: list, pad_id: int, cfg: Config, 
         collate_fn=load,
         num_workers=workers,
         pin_memory=device == "cuda",
+        prefetch_factor=4 if workers else None,
         multiprocessing_context="fork" if workers and os.name == "posix" else None,
     )
 
@@ -139,7 +142,7 @@ def make_loader(examples: list[Example], micro: list, pad_id: int, cfg: Config, 
 
 
 def run_window(
-    model, accelerator, micro_batches: list[dict[str, torch.Tensor]]
+    model, accelerator, micro_batches: list[dict[str, torch.Tensor]], chunk_size: int = 0
 ) -> tuple[float, int]:
     """Forward and backward over one accumulation window; returns the window's mean loss and
     this process's supervised tokens.
@@ -147,21 +150,20 @@ def run_window(
     Each micro-batch's summed loss is divided by the supervised tokens of the whole window
     (over all processes), so the gradient is the mean over every supervised token."""
     local = sum(supervised_tokens(b["labels"]) for b in micro_batches)
-    total = int(accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum"))
-    window_loss = 0.0
+    total = local  # one process: no device round trip (each would stall the launch queue)
+    if accelerator.num_processes > 1:
+        total = int(accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum"))
+    window_loss = torch.zeros((), device=accelerator.device)
     for i, batch in enumerate(micro_batches):
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
         last = i == len(micro_batches) - 1
         with accelerator.no_sync(model) if not last else nullcontext():
             with accelerator.autocast():
-                logits = model(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                ).logits
-            part = loss_sum(logits, batch["labels"])
+                part = forward_loss(model, batch, chunk_size)
             # DDP averages gradients over processes; multiply back so the window is one mean.
             accelerator.backward(part * accelerator.num_processes / max(total, 1))
-        window_loss += float(part.detach())
-    return window_loss / max(local, 1), local
+        window_loss += part.detach().float()
+    return float(window_loss) / max(local, 1), local  # the window's only host sync
 
 
 def train(
@@ -181,6 +183,7 @@ def train(
     optimizer = make_optimizer(model, cfg, device)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    cfg = choose_batching(model, cfg, device)
     state = TrainState()
     if resume and (arm_dir / "checkpoint" / "state.json").is_file():
         saved = load_checkpoint(arm_dir / "checkpoint", model, optimizer, scheduler, accelerator)
@@ -202,9 +205,10 @@ def train(
         if state.step >= total_steps:
             break
         epoch_start = watch.total_s
-        schedule = epoch_windows(len(data["train"]), cfg, epoch, rank, world)
+        lengths = [len(e.input_ids) for e in data["train"]]
+        schedule = epoch_windows(len(data["train"]), cfg, epoch, rank, world, lengths)
         loader = iter(
-            make_loader(data["train"], [m for w in schedule for m in w], pad_id, cfg, device)
+            make_loader(data["train"], [m for w in schedule for m in w], pad_id, cfg, device, model)
         )
         for window in schedule:
             if state.step >= total_steps:
@@ -213,7 +217,7 @@ def train(
                 step_start = time.perf_counter()
                 _maybe_inject_oom(cfg, state.step)
                 micro = [next(loader) for _ in window]
-                loss, supervised = run_window(model, accelerator, micro)
+                loss, supervised = run_window(model, accelerator, micro, cfg.loss_chunk_size)
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 if not accelerator.optimizer_step_was_skipped:
@@ -221,7 +225,7 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
             step_s = time.perf_counter() - step_start
             state.step += 1
-            tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+            tokens = sum(len(data["train"][i].input_ids) for idx, _ in window for i in idx)
             state.tokens += tokens
             state.supervised_tokens += supervised
             state.slots += sum(b["input_ids"].numel() for b in micro)
@@ -250,7 +254,17 @@ def train(
             save_checkpoint(arm_dir / "checkpoint", model, optimizer, scheduler, accelerator, state)
         _maybe_interrupt(state.epoch)
     bar.close()
-    return _training_summary(state, total_steps, per_epoch)
+    return {**_training_summary(state, total_steps, per_epoch), "batching": cfg.batching}
+
+
+def choose_batching(model: torch.nn.Module, cfg: Config, device: str) -> Config:
+    """Packed batches need an attention that keeps examples apart by their position ids alone
+    (transformers' sdpa, eager and flash attention do); checked once, else `longest`."""
+    if cfg.batching != "packed" or packing_isolates(model, device):
+        return cfg
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", "unknown")
+    log.warning("attention %r lets packed examples see each other: batching=longest", impl)
+    return cfg.replace(batching="longest")
 
 
 def _training_summary(state: TrainState, total: int, per_epoch: int) -> dict:
@@ -289,7 +303,8 @@ class MetricsLog:
             fh.write(json.dumps(row) + "\n")
 
     def eval(self, model, examples, cfg, device, pad_id, step: int, epoch: int) -> None:
-        result = evaluate(model, eval_batches(examples, cfg.eval_batch_size, pad_id), device)
+        batches = eval_batches(examples, cfg.eval_batch_size, pad_id)
+        result = evaluate(model, batches, device, cfg.loss_chunk_size)
         self.write({"event": "eval", "split": "val", "step": step, "epoch": epoch, **result})
 
 
@@ -321,6 +336,7 @@ def run_arm(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     runtime = choose_runtime(cfg)
     log.info("device %s, precision %s (%s)", runtime.device, runtime.precision, runtime.reason)
     accelerator = Accelerator(cpu=runtime.device == "cpu", mixed_precision=runtime.mixed_precision)
+    budget = apply_memory_budget(cfg, runtime)
     arm_dir = run_dir / cfg.method
     arm_dir.mkdir(parents=True, exist_ok=True)
     write_yaml(cfg, arm_dir / "config.yaml")
@@ -332,8 +348,11 @@ def run_arm(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     set_seed(cfg.seed)
     model = load_model(cfg.model)
     set_seed(cfg.seed)  # adapters are initialized from this seed in every arm
-    model = prepare_model(model, cfg)
+    model = prepare_model(model, cfg, runtime)
+    if cfg.compile:
+        model.compile()  # in place: the module keeps its type, attributes and state-dict keys
     summary = _summary_head(cfg, runtime, model, counts, manifest, accelerator)
+    summary["memory_plan"] = _memory_plan(cfg, runtime, budget)
     measure.reset_peak_memory(runtime.device)
     try:
         if cfg.method != "base":
@@ -355,12 +374,58 @@ def run_arm(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
         log.error("%s arm ran out of memory: %s", cfg.method, str(err).splitlines()[0])
         summary["status"], summary["error"] = "oom", str(err).splitlines()[0]
         summary["memory"] = measure.measure_memory(runtime.device)  # reached before the OOM
+        summary["advice"] = _memory_plan(cfg, runtime, budget, advice=True).get("advice")
     summary["memory_overall"] = measure.measure_memory(runtime.device)  # evaluation included
     summary.setdefault("memory", summary["memory_overall"])
     summary["total_time_s"] = time.perf_counter() - started
     if accelerator.is_main_process:
         (arm_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def apply_memory_budget(cfg: Config, runtime: Runtime) -> int | None:
+    """`memory_budget`: cap this process's CUDA caching allocator, so a large GPU behaves like
+    a small one. Returns the budget in bytes (None: no budget, or not on CUDA)."""
+    from tuneoff.config import parse_size
+
+    if cfg.memory_budget is None:
+        return None
+    budget = parse_size(cfg.memory_budget, "memory_budget")
+    if runtime.device != "cuda":
+        log.warning("memory_budget %s applies to CUDA only; ignored on CPU", cfg.memory_budget)
+        return None
+    total = torch.cuda.get_device_properties(accelerator_index()).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), accelerator_index())
+    log.info("memory budget %.2f GiB of this GPU's %.2f GiB", budget / 2**30, total / 2**30)
+    return budget
+
+
+def accelerator_index() -> int:
+    return torch.cuda.current_device() if torch.cuda.is_available() else 0
+
+
+def _memory_plan(cfg: Config, runtime: Runtime, budget: int | None, advice: bool = False):
+    """The planner's prediction for this arm (recorded beside the measured peak), and with
+    `advice` the cheapest settings that fit the budget. Tracing an unusual architecture on the
+    meta device can fail; that is recorded, and the run goes on."""
+    from tuneoff.model import ModelError, load_arch_config
+    from tuneoff.plan import advise, predict
+
+    try:
+        arch = load_arch_config(cfg.model)
+        pred = predict(cfg, arch, runtime, both_checkpointing=False)
+        out: dict[str, Any] = {"predicted": pred.to_dict()}
+        if advice:
+            limit = budget or (
+                torch.cuda.get_device_properties(accelerator_index()).total_memory
+                if runtime.device == "cuda"
+                else pred.peak_allocated
+            )
+            out["advice"] = advise(cfg, arch, runtime, limit, pred)
+        return out
+    except (ModelError, RuntimeError, NotImplementedError, ValueError) as err:
+        log.warning("memory prediction unavailable: %s", str(err).splitlines()[0][:200])
+        return {"error": str(err).splitlines()[0][:200]}
 
 
 def _summary_head(cfg, runtime: Runtime, model, counts, manifest, accelerator) -> dict[str, Any]:
