@@ -13,6 +13,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/tuneoff-gpu-out}
+MODEL=${MODEL:-qwen2.5-1.5b}  # MODEL=embedded:tiny-qwen2 smoke-tests this script on a CPU
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu_bench.log") 2>&1
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -23,24 +24,25 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH="$PWD/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers',
-transformers.__version__, 'peft', peft.__version__, torch.cuda.get_device_name(0))"
+transformers.__version__, 'peft', peft.__version__,
+torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA')"
 python3 -c "import trl, datasets; print('trl', trl.__version__, 'datasets', datasets.__version__)" \
     || echo "trl not importable: its baseline will be skipped"
 
 if [ -f benchmarks/gpu_memory.py ]; then
     echo "== memory ($(($(date +%s) - started)) s)"
-    timeout 180 python3 benchmarks/gpu_memory.py --out "$OUT/memory.json" || echo "memory: exit $?"
+    timeout 180 python3 benchmarks/gpu_memory.py --model "$MODEL" --out "$OUT/memory.json" || echo "memory: exit $?"
 fi
 
 echo "== bench main ($(($(date +%s) - started)) s)"
 rm -rf /tmp/bench-main /tmp/bench-large
-timeout 200 python3 -m tuneoff bench --model qwen2.5-1.5b --methods lora,full --baselines seed,trl \
+timeout 200 python3 -m tuneoff bench --model "$MODEL" --methods lora,full --baselines seed,trl \
     --steps 8 --warmup-steps 2 --work-dir /tmp/bench-main batch_size=16 grad_accum=4 \
     || echo "bench main: exit $?"
 cp /tmp/bench-main/bench.json "$OUT/bench_main.json" 2>/dev/null
 
 echo "== bench large micro-batch ($(($(date +%s) - started)) s)"
-timeout 80 python3 -m tuneoff bench --model qwen2.5-1.5b --methods lora,full --baselines none \
+timeout 80 python3 -m tuneoff bench --model "$MODEL" --methods lora,full --baselines none \
     --steps 6 --warmup-steps 2 --batch-size 64 --grad-accum 1 --work-dir /tmp/bench-large \
     || echo "bench large: exit $?"
 cp /tmp/bench-large/bench.json "$OUT/bench_large.json" 2>/dev/null

@@ -4,27 +4,40 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 
-def build_tiny_model(directory: Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
-    """A randomly initialized Qwen2 model with the shipped tokenizer, saved as a local model."""
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+def tiny_qwen2_config(hidden: int = 32, layers: int = 2, vocab: int = 768, **extra: Any) -> Any:
+    """A Qwen2 config small enough for CPU tests (4 heads, 2 key-value heads, tied embeddings)."""
+    from transformers import Qwen2Config
 
-    from tuneoff.embedded import TINY_MODEL_DIR
-
-    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
+    defaults = dict(max_position_embeddings=512, tie_word_embeddings=True)
+    return Qwen2Config(
+        vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=hidden * 2,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
+        **{**defaults, **extra},
+    )
+
+
+def build_tiny_model(directory: Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+    """A randomly initialized Qwen2 model with the shipped tokenizer, saved as a local model."""
+    from transformers import AutoTokenizer, Qwen2ForCausalLM
+
+    from tuneoff.embedded import TINY_MODEL_DIR
+
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
+    config = tiny_qwen2_config(
+        hidden,
+        layers,
+        len(tokenizer),
         max_position_embeddings=256,
-        tie_word_embeddings=True,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )

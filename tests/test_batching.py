@@ -8,6 +8,7 @@ import logging
 
 import pytest
 import torch
+from conftest import tiny_qwen2_config
 
 from tuneoff.config import Config
 from tuneoff.data import (
@@ -25,19 +26,9 @@ from tuneoff.loss import forward_loss
 
 
 def tiny_qwen2(attn: str = "sdpa", vocab: int = 768, seed: int = 0) -> torch.nn.Module:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2ForCausalLM
 
-    config = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        attn_implementation=attn,
-    )
+    config = tiny_qwen2_config(vocab=vocab, attn_implementation=attn)
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(config)
 

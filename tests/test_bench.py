@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import tiny_qwen2_config
 
 from tuneoff.bench import ModelShape, model_flops, synthetic_examples
 from tuneoff.data import IGNORE, Example
@@ -27,21 +28,8 @@ FIELDS = (
 
 @pytest.fixture(scope="module")
 def tiny_config(tmp_path_factory):
-    from transformers import Qwen2Config
-
     path = tmp_path_factory.mktemp("arch") / "config.json"
-    config = Qwen2Config(
-        vocab_size=768,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    config = tiny_qwen2_config(eos_token_id=2, pad_token_id=0)
     path.write_text(config.to_json_string())
     return path
 

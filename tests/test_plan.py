@@ -8,11 +8,12 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_qwen2_config
 
 from tuneoff.cli import main
 from tuneoff.config import Config, ConfigError, parse_size
 from tuneoff.loss import forward_loss, forward_stats, loss_sum
-from tuneoff.model import Runtime, load_arch_config, prepare_model
+from tuneoff.model import Runtime, count_parameters, load_arch_config, prepare_model
 from tuneoff.optim import LeanAdamW, make_optimizer, optimizer_state_bytes
 from tuneoff.plan import GIB, measure, predict
 
@@ -23,17 +24,7 @@ GPU_BF16 = Runtime("cuda", "bf16", "test")
 
 
 def tiny_arch():
-    from transformers import Qwen2Config
-
-    return Qwen2Config(
-        vocab_size=768,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
+    return tiny_qwen2_config(hidden=64)
 
 
 def test_sizes_parse_and_bad_sizes_are_one_clear_error():
@@ -197,6 +188,8 @@ def test_qlora_trains_and_its_base_stays_4bit(tiny_model_dir):
     model.train()
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert type(layer.base_layer).__name__ == "Linear4bit"
+    lora = prepare_model(load_model(str(tiny_model_dir)), Config(method="lora"))
+    assert count_parameters(model) == count_parameters(lora)  # 4-bit weights counted as weights
     base_before = layer.base_layer.weight.data.clone()
     assert base_before.dtype == torch.uint8
     lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

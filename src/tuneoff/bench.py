@@ -395,7 +395,6 @@ def trl_worker(spec: dict[str, Any]) -> dict[str, Any]:
     try:
         import datasets
         import trl
-        from peft import LoraConfig
         from transformers import PrinterCallback, TrainerCallback
     except ImportError as err:
         return {
@@ -404,7 +403,7 @@ def trl_worker(spec: dict[str, Any]) -> dict[str, Any]:
         }
     from accelerate.utils import set_seed
 
-    from tuneoff.model import choose_runtime, count_parameters, load_arch_config
+    from tuneoff.model import choose_runtime, count_parameters, load_arch_config, lora_config
 
     datasets.disable_progress_bars()
     cfg = Config(**spec["config"])
@@ -424,13 +423,7 @@ def trl_worker(spec: dict[str, Any]) -> dict[str, Any]:
         {"input_ids": [e.input_ids for e in data], "labels": [e.labels for e in data]}
     )
     args = trl_args(trl, cfg, spec["work_dir"], warmup + steps, device)
-    lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=list(cfg.lora_target_modules),
-        task_type="CAUSAL_LM",
-    )
+    lora = lora_config(cfg)
 
     class InOrder(trl.SFTTrainer):
         """SFTTrainer reading the examples in file order, so its batches equal the other arms'."""

@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_config_source(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help=f"start from a preset: {', '.join(preset_names())}")
+    p.add_argument("--config", help="YAML file of config keys, applied over the preset")
+
+
 def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "plan",
@@ -104,10 +109,10 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
         "download) and predict its peak memory by component: weights, gradients, optimizer "
         "states, activations, logits and loss, autocast copies, evaluation. With --gpu-memory: "
         "fits or not, and the cheapest settings that make it fit. Planned for a GPU (bf16 "
-        "autocast unless precision=fp16/fp32) unless device=cpu.",
+        "autocast unless precision=fp16/fp32) unless device=cpu. Without --preset or --config: "
+        "the seed preset (the reference's model and recipe, fp16 autocast).",
     )
-    p.add_argument("--preset", help=f"start from a preset: {', '.join(preset_names())}")
-    p.add_argument("--config", help="YAML file of config keys, applied over the preset")
+    _add_config_source(p)
     p.add_argument(
         "--model",
         help="shipped config (qwen2.5-0.5b/1.5b/3b/7b, llama-3.2-1b/3b, with or without "
@@ -135,8 +140,7 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
         "memory, with the ratios tuneoff / baseline. Hyperparameters: the reference's (the "
         "config defaults) unless --preset/--config/key=value say otherwise.",
     )
-    p.add_argument("--preset", help=f"start from a preset: {', '.join(preset_names())}")
-    p.add_argument("--config", help="YAML file of config keys, applied over the preset")
+    _add_config_source(p)
     p.add_argument("--model", help="shipped config name (qwen2.5-1.5b), hub id or local path")
     p.add_argument("--methods", default="lora,full", help="tuneoff arms (default lora,full)")
     p.add_argument(

@@ -189,22 +189,28 @@ def prepare_model(
     if cfg.method == "qlora":
         compute = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
         quantize_4bit(model, compute[runtime.precision], runtime.device)
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    lora = LoraConfig(
+    try:
+        return get_peft_model(model, lora_config(cfg))
+    except ValueError as err:
+        raise ModelError(
+            f"config key 'lora_target_modules': {cfg.lora_target_modules} do not match the "
+            f"model's modules ({str(err).splitlines()[0][:120]})"
+        ) from None
+
+
+def lora_config(cfg: Config) -> Any:
+    """The PEFT LoraConfig of `cfg` (also given to TRL by the bench's baseline)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=list(cfg.lora_target_modules),
         task_type="CAUSAL_LM",
     )
-    try:
-        return get_peft_model(model, lora)
-    except ValueError as err:
-        raise ModelError(
-            f"config key 'lora_target_modules': {cfg.lora_target_modules} do not match the "
-            f"model's modules ({str(err).splitlines()[0][:120]})"
-        ) from None
 
 
 def quantize_4bit(model: torch.nn.Module, compute_dtype: torch.dtype, device: str) -> None:
@@ -241,15 +247,21 @@ def quantize_4bit(model: torch.nn.Module, compute_dtype: torch.dtype, device: st
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, float]:
-    """Trainable and total parameters; tied weights are counted once."""
+    """Trainable and total parameters; tied weights are counted once, 4-bit weights as the
+    weights they stand for (their storage packs two into a byte)."""
     params = list(model.parameters())  # de-duplicates shared (tied) tensors
-    total = sum(p.numel() for p in params)
+    total = sum(_logical_numel(p) for p in params)
     trainable = sum(p.numel() for p in params if p.requires_grad)
     return {
         "trainable": trainable,
         "total": total,
         "trainable_pct": 100.0 * trainable / total if total else 0.0,
     }
+
+
+def _logical_numel(p: torch.Tensor) -> int:
+    state = getattr(p, "quant_state", None)
+    return state.shape.numel() if state is not None else p.numel()
 
 
 # --------------------------------------------------------------------------- Qwen tokenizer offline

@@ -542,9 +542,17 @@ def advise(
     return {
         "fits": _needs(pred, runtime) <= limit,
         "changes": changes,
-        "overrides": " ".join(f"{k}={_yaml(v)}" for c in changes for k, v in c["set"].items()),
+        "overrides": " ".join(f"{k}={_yaml(v)}" for k, v in _merged(changes).items()),
         "prediction": pred.to_dict(),
     }
+
+
+def _merged(changes: list[dict[str, Any]]) -> dict[str, Any]:
+    """The settings of all changes, later ones winning (batch_size halved twice: the last)."""
+    out: dict[str, Any] = {}
+    for change in changes:
+        out.update(change["set"])
+    return out
 
 
 def _needs(pred: Prediction, runtime: Runtime) -> int:

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-ARM_ORDER = ("base", "lora", "full")
+ARM_ORDER = ("base", "lora", "qlora", "full")
 EXPECTED_DIFFERENCES = ("config.method",)  # differs between arms by design
 METRIC_HELP = """\
 - **Loss**: mean cross-entropy (nats) over supervised tokens: response tokens and their EOS,
