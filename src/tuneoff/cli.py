@@ -409,6 +409,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg, per_arm, _ = resolve_args(args)
     cfg = cfg.replace(**per_arm.get(cfg.method, {}))
+    dist = _launched_processes(cfg)
+    if dist is not None:  # every process must use rank 0's run name (it holds a timestamp)
+        from accelerate.utils import broadcast_object_list
+
+        cfg = cfg.replace(name=broadcast_object_list([cfg.name])[0])
     run_dir = args.run_dir = run_dir_of(cfg)
     arm_dir = run_dir / cfg.method
     check_model(cfg.model)
@@ -421,10 +426,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     has_splits = (run_dir / "splits" / "manifest.json").is_file()
     records = None if has_splits else _load_unless_split(cfg, run_dir, False)
-    claim_dir(run_dir, replace)
-    if not new_run and arm_dir.exists() and not args.resume:
-        shutil.rmtree(arm_dir)  # --overwrite of this arm only
-    prepare_splits(cfg, run_dir / "splits", records)
+    if dist is not None:
+        dist.wait_for_everyone()  # every process checked before the main one writes
+    if dist is None or dist.is_main_process:
+        claim_dir(run_dir, replace)
+        if not new_run and arm_dir.exists() and not args.resume:
+            shutil.rmtree(arm_dir)  # --overwrite of this arm only
+        prepare_splits(cfg, run_dir / "splits", records)
+    if dist is not None:
+        dist.wait_for_everyone()
     try:
         summary = run_arm(cfg.replace(output_dir=str(run_dir)), run_dir, resume=args.resume)
     except (ConfigError, DataError, ModelError) as err:  # the report shows the arm as failed
@@ -432,11 +442,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         failed = {"status": "failed", "method": cfg.method, "error": str(err)}
         (arm_dir / "summary.json").write_text(json.dumps(failed, indent=2) + "\n")
         raise
+    if dist is not None:
+        dist.wait_for_everyone()
+        if not dist.is_main_process:
+            return 0
     if not args.no_report:
         report_path, table = write_report(run_dir)
         print(table)
         print(f"\nreport: {report_path}")
     return 0 if summary["status"] == "ok" else 1
+
+
+def _launched_processes(cfg: Config):
+    """Accelerate's process state under `accelerate launch` / torchrun with more than one
+    process (None otherwise): rank 0 prepares the run directory, every rank trains."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    from tuneoff.model import choose_runtime
+
+    return PartialState(cpu=choose_runtime(cfg).device == "cpu")  # CPU: gloo processes
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

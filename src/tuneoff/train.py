@@ -254,7 +254,18 @@ def train(
             save_checkpoint(arm_dir / "checkpoint", model, optimizer, scheduler, accelerator, state)
         _maybe_interrupt(state.epoch)
     bar.close()
-    return {**_training_summary(state, total_steps, per_epoch), "batching": cfg.batching}
+    totals = _global_counts(state, accelerator)
+    return {**_training_summary(totals, total_steps, per_epoch), "batching": cfg.batching}
+
+
+def _global_counts(state: TrainState, accelerator: Any) -> TrainState:
+    """Token counts summed over every process (each counted its own micro-batches)."""
+    if accelerator.num_processes == 1:
+        return state
+    keys = ("tokens", "supervised_tokens", "slots")
+    local = torch.tensor([getattr(state, k) for k in keys], device=accelerator.device)
+    summed = accelerator.reduce(local, "sum").tolist()
+    return TrainState(**{**state.__dict__, **dict(zip(keys, map(int, summed)))})
 
 
 def choose_batching(model: torch.nn.Module, cfg: Config, device: str) -> Config:
