@@ -71,7 +71,10 @@ def run_case(name: str, budget: str, model: str) -> dict:
     from tuneoff.train import apply_memory_budget
 
     overrides, target, what = CASES[name]
-    cfg, _ = resolve("seed", None, {**overrides, "model": model, "memory_budget": budget})
+    # The seed preset's batch settings; tuneoff's own cases in bf16 autocast (the preset's fp16
+    # is the reference's, kept by the recipe cases).
+    values = {"precision": "auto", **overrides, "model": model, "memory_budget": budget}
+    cfg, _ = resolve("seed", None, values)
     runtime = choose_runtime(cfg)
     limit = apply_memory_budget(cfg, runtime)
     arch = load_arch_config(model)

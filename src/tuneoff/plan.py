@@ -263,17 +263,22 @@ def _bytes(dtype: torch.dtype) -> int:
 
 
 def _autocast_copies(params, cfg: Config, runtime: Runtime, act_dtype: torch.dtype) -> int:
-    """fp32 weights under fp16/bf16 autocast: each linear layer's weight is cast on use, and
-    the cast is kept for backward (frozen weights: per use; trainable: cached per forward)."""
+    """Weights in another dtype than fp16/bf16 autocast's (fp32, or bf16 under fp16): each linear
+    layer's weight is cast on use, and the cast is kept for backward (frozen weights: per use;
+    trainable: cached per forward). The lm head's cast is kept only with full-vocab logits (the
+    chunked loss casts it for its own duration); an embedding lookup is not cast."""
     if act_dtype == torch.float32 or cfg.method == "qlora":
         return 0
+    untied_head = any("lm_head" in name for name, *_ in params)
     total = 0
     for name, numel, dtype, _, _ in params:
-        if dtype == torch.float32 and name.endswith("weight") and "norm" not in name:
-            if "embed_tokens" in name and not cfg.loss_chunk_size:
-                total += numel * _bytes(act_dtype)  # tied lm head's cast, saved for backward
-            elif "embed_tokens" not in name and "lora_" not in name:
-                total += numel * _bytes(act_dtype)
+        if dtype == act_dtype or not name.endswith("weight") or "norm" in name:
+            continue
+        head = "lm_head" in name or ("embed_tokens" in name and not untied_head)
+        if head and cfg.loss_chunk_size:
+            continue
+        if head or ("embed_tokens" not in name and "lora_" not in name):
+            total += numel * _bytes(act_dtype)
     return total
 
 
@@ -512,6 +517,8 @@ def _ladder(cfg: Config, runtime: Runtime, pred: Prediction) -> list[tuple[dict,
     frozen = pred.settings["weights_dtype"] == "fp32"
     if cfg.method in ("lora", "qlora") and frozen and runtime.device == "cuda":
         steps.append(({"weights_dtype": half}, f"none: frozen weights in {half}, faster"))
+    if cfg.method == "full" and runtime.device == "cuda" and runtime.precision == "fp16":
+        steps.append(({"precision": "bf16"}, "none on GPUs with bf16 (Ampere or newer)"))
     if cfg.method == "full" and cfg.optimizer == "adamw":
         steps.append(({"optimizer": "adamw_lean"}, "optimizer step unfused; bf16 moments"))
     if cfg.method == "full" and frozen and cfg.optimizer == "adamw_lean":
@@ -537,6 +544,8 @@ def advise(
             break
         change, cost = steps[0]
         cfg = cfg.replace(**change)
+        if "precision" in change:
+            runtime = planning_runtime(cfg)
         pred = predict(cfg, arch_config, runtime, both_checkpointing=False)
         changes.append({"set": change, "cost": cost, "peak_gib": _needs(pred, runtime) / GIB})
     return {
