@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from tuneoff.data import IGNORE
-from tuneoff.evaluate import evaluate, exact_match, loss_sum, token_stats
+from tuneoff.evaluate import evaluate, exact_match
+from tuneoff.loss import forward_stats, loss_sum
 
 # One sequence of 4 positions over a vocabulary of 3. Labels 1 and 2 are supervised; by the
 # shift, logits at position 0 predict label[1] = 2 and logits at position 1 predict label[2] = 0.
@@ -24,8 +25,21 @@ def _nll(row: list[float], target: int) -> float:
 HAND_LOSS = (_nll([0.0, 1.0, 2.0], 2) + _nll([3.0, 0.0, 0.0], 0)) / 2
 
 
+class FixedLogits(torch.nn.Module):
+    """A stand-in model that returns the same logits whatever the input."""
+
+    def forward(self, input_ids, attention_mask=None, **_):
+        return SimpleNamespace(logits=LOGITS.expand(input_ids.size(0), -1, -1))
+
+
+def stats(labels: torch.Tensor) -> tuple[float, int, int]:
+    """What evaluation computes for one batch of LOGITS (full-vocabulary logits)."""
+    batch = {"input_ids": torch.zeros(labels.shape, dtype=torch.long), "labels": labels}
+    return forward_stats(FixedLogits(), batch, 0)
+
+
 def test_token_stats_matches_hand_computation():
-    total, correct, tokens = token_stats(LOGITS, LABELS)
+    total, correct, tokens = stats(LABELS)
     assert tokens == 2
     assert total / tokens == pytest.approx(HAND_LOSS, abs=1e-6)
     assert correct == 2  # argmax(pos 0) = 2 = label[1]; argmax(pos 1) = 0 = label[2]
@@ -35,7 +49,7 @@ def test_unshifted_comparison_would_differ():
     # The reference's bug: comparing argmax at t with the label at t. Here it scores 0 of 2
     # (argmax at positions 1 and 2 are 0 and 2 against labels 2 and 0), the shift scores 2 of 2.
     unshifted = int((LOGITS.argmax(-1) == LABELS).sum())
-    assert unshifted == 0 and token_stats(LOGITS, LABELS)[1] == 2
+    assert unshifted == 0 and stats(LABELS)[1] == 2
 
 
 def test_loss_sum_is_differentiable_and_ignores_prompt():
@@ -43,13 +57,6 @@ def test_loss_sum_is_differentiable_and_ignores_prompt():
     loss_sum(logits, LABELS).backward()
     assert logits.grad[0, 2:].abs().sum() == 0  # positions 2, 3 predict ignored labels
     assert logits.grad[0, :2].abs().sum() > 0
-
-
-class FixedLogits(torch.nn.Module):
-    """A stand-in model that returns the same logits whatever the input."""
-
-    def forward(self, input_ids, attention_mask=None, **_):
-        return SimpleNamespace(logits=LOGITS.expand(input_ids.size(0), -1, -1))
 
 
 def test_evaluate_reports_every_metric_from_the_hand_loss():

@@ -16,18 +16,9 @@ from typing import Any
 
 import torch
 
-from tuneoff.data import IGNORE, eval_batches, prompt_ids, response_text
-from tuneoff.loss import forward_stats, loss_sum
+from tuneoff.data import eval_batches, prompt_ids, response_text
+from tuneoff.loss import forward_stats
 from tuneoff.measure import Stopwatch
-
-
-@torch.no_grad()
-def token_stats(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
-    """(summed cross-entropy in nats, correct argmax predictions, supervised tokens)."""
-    shift_labels = labels[:, 1:]
-    mask = shift_labels != IGNORE
-    correct = int(((logits[:, :-1, :].argmax(-1) == shift_labels) & mask).sum())
-    return float(loss_sum(logits, labels)), correct, int(mask.sum())
 
 
 def summarize(total_loss: float, correct: int, tokens: int) -> dict[str, float]:

@@ -216,7 +216,8 @@ def _trace_eval(arch_config, cfg: Config, runtime: Runtime) -> int:
 
 
 def _params(arch_config, cfg: Config, runtime: Runtime):
-    """(name, numel, dtype, trainable, is_quantized_linear) of the prepared model's params."""
+    """(name, numel, dtype, trainable, is_quantized_linear) of the prepared model's params, and
+    the bytes of its buffers (floating ones take the weights' dtype, as `model.to` does)."""
     trace_cfg = cfg.replace(method="lora" if cfg.method == "qlora" else cfg.method)
     model = _meta_model(arch_config, trace_cfg)
     real = weights_dtype(cfg, runtime)
@@ -231,7 +232,11 @@ def _params(arch_config, cfg: Config, runtime: Runtime):
         dtype = torch.float32 if p.requires_grad and cfg.method != "full" else real
         quantized = cfg.method == "qlora" and id(p) in linear_weights and not p.requires_grad
         out.append((name, p.numel(), dtype, p.requires_grad, quantized))
-    return out
+    buffers = sum(
+        b.numel() * (_bytes(real) if b.is_floating_point() else b.element_size())
+        for b in model.buffers()
+    )
+    return out, buffers
 
 
 def _nf4_bytes(numel: int) -> int:
@@ -240,22 +245,12 @@ def _nf4_bytes(numel: int) -> int:
     return numel // 2 + math.ceil(numel / 64) + 4 * math.ceil(numel / 64 / 256) + 1088
 
 
-def _buffer_bytes(arch_config, cfg: Config, runtime: Runtime) -> int:
-    """Buffers (rotary frequencies): floating ones take the weights' dtype, as `model.to`."""
-    model = _meta_model(arch_config, cfg.replace(method="base", weights_dtype="fp32"))
-    dtype = weights_dtype(cfg, runtime)
-    return sum(
-        b.numel() * (_bytes(dtype) if b.is_floating_point() else b.element_size())
-        for b in model.buffers()
-    )
-
-
 def _optimizer_bytes(numel: int, dtype: torch.dtype, optimizer: str) -> int:
     if optimizer == "adamw_lean":
         return 4 * numel
     if optimizer == "adamw8bit" and numel >= 4096:  # bitsandbytes keeps small tensors 32-bit
         return 2 * numel + 2 * 4 * math.ceil(numel / 256)
-    return 2 * numel * (4 if dtype == torch.float32 else torch.finfo(dtype).bits // 8)
+    return 2 * numel * _bytes(dtype)  # torch AdamW keeps its moments in the weights' dtype
 
 
 def _bytes(dtype: torch.dtype) -> int:
@@ -315,31 +310,26 @@ def predict(
 ) -> Prediction:
     """Peak memory of training `cfg.method` with `cfg`'s settings on `runtime`;
     `both_checkpointing` also traces the activations of the other checkpointing setting."""
-    params = _params(arch_config, cfg, runtime)
+    params, buffers = _params(arch_config, cfg, runtime)
     _, act_dtype = _trace_cfg(cfg, runtime)
-    weights = sum(_nf4_bytes(n) if q else n * _bytes(d) for _, n, d, _, q in params)
-    weights += _buffer_bytes(arch_config, cfg, runtime)
+    weights = buffers + sum(_nf4_bytes(n) if q else n * _bytes(d) for _, n, d, _, q in params)
     training = cfg.method != "base"
     gradients = sum(n * _bytes(d) for _, n, d, t, _ in params if t)
     optimizer = sum(_optimizer_bytes(n, d, cfg.optimizer) for _, n, d, t, _ in params if t)
+    acts: dict[bool, int] = {}
+    activations = logits = 0
     if training:
-        settings = (False, True) if both_checkpointing else (cfg.gradient_checkpointing,)
-        acts = {
-            ckpt: _trace_train(
-                arch_config, cfg.replace(gradient_checkpointing=ckpt), runtime, with_loss=False
-            )
-            for ckpt in settings
-        }
-        activations = acts[cfg.gradient_checkpointing]
-        logits = max(0, _trace_train(arch_config, cfg, runtime, True) - activations)
-    else:
-        acts, activations, logits = {}, 0, 0
-    if training:
-        for ckpt in acts:
-            acts[ckpt] += _residual_correction(
-                arch_config, cfg.replace(gradient_checkpointing=ckpt), params, act_dtype
+        checkpointing = (False, True) if both_checkpointing else (cfg.gradient_checkpointing,)
+        traced = {}
+        for ckpt in checkpointing:
+            ckpt_cfg = cfg.replace(gradient_checkpointing=ckpt)
+            traced[ckpt] = _trace_train(arch_config, ckpt_cfg, runtime, with_loss=False)
+            acts[ckpt] = traced[ckpt] + _residual_correction(
+                arch_config, ckpt_cfg, params, act_dtype
             )
         activations = acts[cfg.gradient_checkpointing]
+        with_loss = _trace_train(arch_config, cfg, runtime, with_loss=True)
+        logits = max(0, with_loss - traced[cfg.gradient_checkpointing])
     components = {
         "weights": weights,
         "gradients": gradients,
@@ -361,10 +351,9 @@ def predict(
         "optimizer_step": weights + optimizer + gradients + components["step_temporaries"],
         "evaluation": weights + optimizer + components["evaluation"],
     }
-    settings = settings_of(cfg, runtime)
     return Prediction(
         cfg.method,
-        settings,
+        settings_of(cfg, runtime),
         components,
         phases,
         {"off": acts.get(False, 0), "on": acts.get(True, 0)},
