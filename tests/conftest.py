@@ -63,3 +63,16 @@ def alpaca_file(tmp_path) -> Path:
     from tuneoff.embedded import generate_records
 
     return write_jsonl(tmp_path / "data.jsonl", generate_records(200, seed=1))
+
+
+def toy_examples(lengths: list[int], vocab: int = 768, seed: int = 0) -> list:
+    """Examples whose first third is prompt (labels IGNORE) and the rest supervised."""
+    from tuneoff.data import IGNORE, Example
+
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(3, vocab, (n,), generator=gen).tolist()
+        cut = max(1, n // 3)
+        out.append(Example(ids, [IGNORE] * cut + ids[cut:], False))
+    return out

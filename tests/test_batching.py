@@ -8,7 +8,7 @@ import logging
 
 import pytest
 import torch
-from conftest import tiny_qwen2_config
+from conftest import tiny_qwen2_config, toy_examples
 
 from tuneoff.config import Config
 from tuneoff.data import (
@@ -23,25 +23,22 @@ from tuneoff.data import (
     tokenize_split,
 )
 from tuneoff.loss import forward_loss
+from tuneoff.model import prepare_model
 
 
 def tiny_qwen2(attn: str = "sdpa", vocab: int = 768, seed: int = 0) -> torch.nn.Module:
+    """attn "varlen": sdpa switched to tuneoff's per-example attention, as prepare_model does."""
     from transformers import Qwen2ForCausalLM
 
-    config = tiny_qwen2_config(vocab=vocab, attn_implementation=attn)
+    from tuneoff.model import use_varlen_attention
+
+    config = tiny_qwen2_config(vocab=vocab, attn_implementation="sdpa" if attn == "varlen" else attn)
     torch.manual_seed(seed)
-    return Qwen2ForCausalLM(config)
-
-
-def toy_examples(lengths: list[int], vocab: int = 768, seed: int = 0) -> list[Example]:
-    """Examples whose first third is prompt (labels IGNORE) and the rest supervised."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for n in lengths:
-        ids = torch.randint(3, vocab, (n,), generator=gen).tolist()
-        cut = max(1, n // 3)
-        out.append(Example(ids, [IGNORE] * cut + ids[cut:], False))
-    return out
+    model = Qwen2ForCausalLM(config)
+    if attn == "varlen":
+        use_varlen_attention(model)
+        assert model.config._attn_implementation == "tuneoff_varlen"
+    return model
 
 
 def test_packed_batch_layout():
@@ -90,7 +87,7 @@ def test_group_by_length_is_seeded_and_groups_lengths():
     assert padding(grouped) < padding(epoch_batches(400, 4, seed=1, epoch=0)) / 4
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "varlen"])
 def test_packed_examples_do_not_attend_to_each_other(attn):
     model = tiny_qwen2(attn).eval()
     examples = toy_examples([7, 5, 6])
@@ -166,7 +163,7 @@ def _train_losses(tmp_path, data, pad_id, **keys) -> tuple[list[float], dict, to
         save_checkpoints=False,
         **keys,
     )
-    model = tiny_qwen2(vocab=768, seed=1)
+    model = prepare_model(tiny_qwen2(vocab=768, seed=1), cfg)  # varlen attention when packed
     arm_dir = tmp_path / "-".join(f"{k}{v}" for k, v in keys.items())
     arm_dir.mkdir()
     summary = train(model, Accelerator(cpu=True), data, cfg, arm_dir, pad_id, resume=False)
@@ -195,6 +192,7 @@ def test_per_step_loss_parity_across_batching_modes(tmp_path):
         {"batching": "longest", "loss_chunk_size": 0},
         {"batching": "packed", "loss_chunk_size": 0},
         {"batching": "packed", "loss_chunk_size": 16},
+        {"batching": "packed", "packed_attention": "mask", "loss_chunk_size": 0},
     ):
         losses, summary, model = _train_losses(tmp_path, data, pad, **keys)
         assert losses == pytest.approx(reference, rel=1e-5, abs=1e-6), keys
@@ -207,6 +205,9 @@ def test_per_step_loss_parity_across_batching_modes(tmp_path):
             assert summary["val"][metric] == pytest.approx(ref_summary["val"][metric], rel=1e-5)
         if keys["batching"] == "packed":
             assert summary["padding_fraction"] < 0.1  # only at the ends of rows
+        if keys == {"batching": "packed", "loss_chunk_size": 0}:
+            assert model.config._attn_implementation == "tuneoff_varlen"
+            assert summary["padding_fraction"] == 0  # one row per micro-batch
 
 
 def test_eval_metrics_unchanged_across_batching_modes():
@@ -225,8 +226,9 @@ def test_eval_metrics_unchanged_across_batching_modes():
             assert r[metric] == pytest.approx(results[0][metric], rel=1e-5), metric
 
 
-def test_packed_gradients_equal_padded_gradients():
-    model = tiny_qwen2(seed=4)
+@pytest.mark.parametrize("attn", ["sdpa", "varlen"])
+def test_packed_gradients_equal_padded_gradients(attn):
+    model = tiny_qwen2(attn, seed=4)
     examples = toy_examples([11, 6, 20, 14])
 
     def grads(batch):
@@ -238,3 +240,7 @@ def test_packed_gradients_equal_padded_gradients():
     packed = grads(collate_packed(examples, 0, 64))
     for a, b in zip(padded, packed):
         assert torch.allclose(a, b, atol=1e-5)
+    if attn == "varlen":  # two rows, each ending in a padding segment
+        two_rows = grads(collate_packed(examples, 0, 26))
+        for a, b in zip(padded, two_rows):
+            assert torch.allclose(a, b, atol=1e-5)

@@ -13,7 +13,7 @@ Arms:
   (precision auto unless `precision=` is given).
 - `seed`, the reference recipe (LoRA): the same step with fp32 weights, fp16 autocast and a
   GradScaler on CUDA (fp32 on CPU), every sequence padded to max_seq_len, full-vocabulary logits,
-  plain (foreach) AdamW, micro-batch 4 (or `--batch-size`) and the accumulation that makes the
+  plain (foreach) AdamW, torch's dropout, micro-batch 4 (or `--batch-size`) and the accumulation that makes the
   same examples per optimizer step.
 - `trl`: TRL's SFTTrainer with a PEFT LoraConfig, the same hyperparameters (r, alpha, dropout,
   targets, lr, warmup, schedule, clip, batch, accumulation, max_length), the same tokenized
@@ -581,6 +581,7 @@ def seed_config(cfg: Config, device: str, batch_size: int | None) -> Config:
         optimizer="adamw",
         gradient_checkpointing=False,
         compile=False,
+        fast_dropout=False,
         precision="fp16" if device == "cuda" else "fp32",
     )
 

@@ -28,6 +28,7 @@ SCHEDULES = ("linear", "cosine", "constant")
 WEIGHT_DTYPES = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adamw8bit", "adamw_lean")
 BATCHING = ("packed", "longest", "padded")
+PACKED_ATTENTION = ("varlen", "mask")
 SIZE_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 SIZE_UNITS.update({"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k": 2**10, "m": 2**20})
 SIZE_UNITS.update({"g": 2**30, "t": 2**40})
@@ -96,6 +97,10 @@ class Config:
     fused_optimizer: bool = True  # fused AdamW kernel on CUDA (false: torch's default foreach)
     memory_budget: str | None = None  # e.g. 16GiB: caps this process's CUDA memory
     batching: str = "packed"  # packed (no padding) | longest (pad to batch max) | padded
+    # packed rows: varlen (attention per example, one row per micro-batch) | mask (sdpa with a
+    # block-diagonal mask over rows of about max_seq_len)
+    packed_attention: str = "varlen"
+    fast_dropout: bool = True  # CPU: LoRA dropout masks from numpy's SFC64 (false: torch's)
     group_by_length: bool = False  # batches of similar lengths (less padding with longest)
     compile: bool = False  # torch.compile the model
 
@@ -116,6 +121,7 @@ class Config:
         _one_of("weights_dtype", self.weights_dtype, WEIGHT_DTYPES)
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         _one_of("batching", self.batching, BATCHING)
+        _one_of("packed_attention", self.packed_attention, PACKED_ATTENTION)
         if self.memory_budget is not None:
             parse_size(self.memory_budget, "memory_budget")
         positive = ("max_seq_len", "epochs", "batch_size", "grad_accum", "eval_batch_size")

@@ -369,13 +369,19 @@ def collate_packed(
     }
 
 
-def packed_row_tokens(max_seq_len: int, hidden_size: int | None = None) -> int:
-    """Target tokens per packed row. sdpa computes attention over a whole row under the block
-    mask, about 4 * row * hidden FLOPs per token against about 24 * hidden^2 in the linear
-    layers, so a row of hidden / 2 tokens costs about 8% extra, while longer rows leave less
-    padding at row ends. Measured on CPU with the embedded model (hidden 128): rows of
-    max_seq_len train 1.5x faster than rows of 4 x max_seq_len. So: hidden / 2, at least
-    max_seq_len (one example fits), at most 4 x max_seq_len (a reference micro-batch of 4)."""
+def packed_row_tokens(
+    max_seq_len: int, hidden_size: int | None = None, varlen: bool = False
+) -> int:
+    """Target tokens per packed row. Under varlen attention (`attention.py`) an example's cost
+    does not depend on its row, so one row holds the whole micro-batch: no padding at all.
+    Under sdpa's block mask, attention runs over the whole row, about 4 * row * hidden FLOPs
+    per token against about 24 * hidden^2 in the linear layers, so a row of hidden / 2 tokens
+    costs about 8% extra, while longer rows leave less padding at row ends. Measured on CPU with
+    the embedded model (hidden 128): rows of max_seq_len train 1.5x faster than rows of
+    4 x max_seq_len. So: hidden / 2, at least max_seq_len (one example fits), at most
+    4 x max_seq_len (a reference micro-batch of 4)."""
+    if varlen:
+        return 2**62
     if hidden_size is None:
         return 4 * max_seq_len
     return min(4 * max_seq_len, max(max_seq_len, hidden_size // 2))

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from tuneoff import measure
+from tuneoff import attention, measure
 from tuneoff.checkpoint import load_checkpoint, save_checkpoint
 from tuneoff.config import Config, write_yaml
 from tuneoff.data import (
@@ -118,7 +118,8 @@ def make_loader(
     CUDA so that copies overlap compute."""
     workers = loader_workers(cfg)
     config = getattr(getattr(model, "module", model), "config", None)  # DDP, PEFT: the base's
-    row_tokens = packed_row_tokens(cfg.max_seq_len, getattr(config, "hidden_size", None))
+    varlen = getattr(config, "_attn_implementation", None) == attention.NAME
+    row_tokens = packed_row_tokens(cfg.max_seq_len, getattr(config, "hidden_size", None), varlen)
 
     def load(item: tuple[list[int], bool]) -> dict[str, torch.Tensor]:
         idx, supervised = item

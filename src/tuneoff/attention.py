@@ -1,0 +1,174 @@
+"""Varlen attention for packed batches: each example attends only within itself, at the cost of
+its own length squared, whatever the length of the row it is packed in.
+
+transformers' sdpa keeps packed examples apart with a block-diagonal mask over the whole row: it
+computes (and, on CPU, materializes) attention over row x row positions, most of them masked.
+`varlen_attention_forward` is registered with transformers' `AttentionInterface` as
+`tuneoff_varlen`, for causal decoders only (`VARLEN_MODEL_TYPES`). Masks are built as for sdpa,
+except that none is built where sdpa would need one only for packing (no padding mask, no
+sliding window, no cache): that mask would cost row^2 bytes and be ignored. When the position
+ids show packed examples (a restart inside a row) and there is no cache, it attends per example:
+- CUDA, fp16/bf16, torch with `torch.nn.attention.varlen.varlen_attn`: one flash-attention varlen
+  call over the flattened rows;
+- otherwise: causal sdpa per example, in a loop.
+Every other call (padded batches, generation with a KV cache) goes to transformers' sdpa
+unchanged, so the model behaves as under sdpa everywhere else.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import weakref
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+NAME = "tuneoff_varlen"
+# Plain causal decoders: attention is causal within a sequence and nothing else (no sliding
+# window by default, no bidirectional spans, no soft-capping), as the per-example path assumes.
+VARLEN_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral", "phi3", "olmo2", "granite")
+_last: tuple[Any, list[list[tuple[int, int]]] | None] = (None, None)
+_flash_failed = False
+
+
+def register() -> str:
+    """Register `tuneoff_varlen` with transformers (idempotent); returns its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, varlen_attention_forward)
+    AttentionMaskInterface.register(NAME, varlen_mask)
+    return NAME
+
+
+def varlen_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """sdpa's mask, or None where its only job would be to keep packed examples apart: no
+    padding mask, no sliding window, queries and keys the same positions (no cache). Without
+    packing sdpa would skip that mask too (causal)."""
+    from transformers.masking_utils import sdpa_mask
+
+    offsets = (kwargs.get("q_offset", 0), kwargs.get("kv_offset", 0))
+    if (
+        not args
+        and kwargs.get("attention_mask") is None
+        and kwargs.get("local_size") is None
+        and kwargs.get("q_length") == kwargs.get("kv_length")
+        and all(isinstance(o, int) and o == 0 for o in offsets)
+    ):
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
+def packed_segments(position_ids: torch.Tensor | None, length: int) -> list[list[tuple[int, int]]] | None:
+    """Per row, the (start, end) of each example: a new one starts wherever the position id does
+    not follow its predecessor. None when no row holds more than one example. Read once per
+    position-id tensor (one host sync per forward, not per layer)."""
+    global _last
+    if position_ids is None or position_ids.shape[-1] != length or length < 2:
+        return None
+    if position_ids.device.type == "meta":  # the planner's trace: no values to read
+        return None
+    ref, cached = _last  # one read: serving threads may replace it meanwhile
+    if ref is not None and ref() is position_ids:
+        return cached
+    starts = (position_ids[:, 1:] - position_ids[:, :-1]) != 1
+    segments: list[list[tuple[int, int]]] | None = None
+    if bool(starts.any()):
+        segments = []
+        for row in starts.tolist():
+            cuts = [0] + [t + 1 for t, s in enumerate(row) if s] + [length]
+            segments.append(list(zip(cuts[:-1], cuts[1:])))
+    _last = (weakref.ref(position_ids), segments)
+    return segments
+
+
+def varlen_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [batch, heads, tokens, head_dim]
+    key: torch.Tensor,  # [batch, kv_heads, tokens, head_dim]
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature; returns [batch, tokens, heads, head_dim]."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    segments = None
+    if key.shape[2] == query.shape[2] and not kwargs.get("sliding_window"):  # no cache
+        segments = packed_segments(kwargs.get("position_ids"), query.shape[2])
+    if segments is not None and len(segments) != query.shape[0]:  # [1, t] position ids, b rows
+        segments = segments * query.shape[0] if len(segments) == 1 else None
+    if segments is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and not _flash_failed:
+        out = _flash_varlen(query, key, value, segments, scaling, dropout)
+        if out is not None:
+            return out, None
+    return _sdpa_per_example(query, key, value, segments, scaling, dropout), None
+
+
+def _sdpa_per_example(query, key, value, segments, scaling, dropout) -> torch.Tensor:
+    """Causal sdpa on each example. `split` (not slicing): its backward is one concatenation,
+    where a slice's backward would zero-fill a whole-row gradient per example."""
+    gqa = key.shape[1] != query.shape[1]
+    rows = []
+    for b, row in enumerate(segments):
+        lengths = [e - s for s, e in row]
+        pieces = zip(*(x[b : b + 1].split(lengths, dim=2) for x in (query, key, value)))
+        parts = [
+            torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa
+            )
+            for q, k, v in pieces
+        ]
+        rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+    return torch.cat(rows).transpose(1, 2).contiguous()
+
+
+def _flash_varlen(query, key, value, segments, scaling, dropout) -> torch.Tensor | None:
+    """One flash-attention call over all examples; None (and sdpa per example from then on)
+    where this torch has no usable `varlen_attn`."""
+    global _flash_failed
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        _flash_failed = True
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    if dropout or ("scale" not in params and scaling not in (None, query.shape[-1] ** -0.5)):
+        return None
+    batch, heads, length, dim = query.shape
+    lengths = [e - s for row in segments for s, e in row]
+    cu = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    cu = cu.to(query.device, non_blocking=True)
+    kv_heads = key.shape[1]
+    if kv_heads != heads and "enable_gqa" not in params:
+        key = key.repeat_interleave(heads // kv_heads, dim=1)
+        value = value.repeat_interleave(heads // kv_heads, dim=1)
+    options: dict[str, Any] = {"scale": scaling} if "scale" in params else {}
+    if "enable_gqa" in params:
+        options["enable_gqa"] = key.shape[1] != heads
+    if "is_causal" in params:
+        options["is_causal"] = True
+    else:
+        options["window_size"] = (-1, 0)
+
+    def flat(x: torch.Tensor) -> torch.Tensor:  # [b, h, t, d] -> [b * t, h, d]
+        return x.transpose(1, 2).reshape(batch * length, x.shape[1], dim)
+
+    try:
+        out = varlen_attn(
+            flat(query), flat(key), flat(value), cu, cu, max(lengths), max(lengths), **options
+        )
+    except (RuntimeError, TypeError, ValueError) as err:  # an older or partial varlen_attn
+        _flash_failed = True
+        log.warning("torch varlen_attn unusable here (%s): causal sdpa per example", err)
+        return None
+    return out.reshape(batch, length, heads, dim)

@@ -1,0 +1,113 @@
+"""Varlen attention for packed batches: used only where it applies, sdpa's results everywhere else
+(padded batches, generation with a KV cache), and the CUDA flash path equal to sdpa per example."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_qwen2_config, toy_examples
+
+from tuneoff import attention
+from tuneoff.data import collate, collate_packed
+from tuneoff.model import use_varlen_attention
+
+
+def _pair(seed: int = 0, **extra):
+    """The same tiny model twice: on sdpa, and switched to varlen attention."""
+    from transformers import Qwen2ForCausalLM
+
+    models = []
+    for _ in range(2):
+        torch.manual_seed(seed)
+        models.append(Qwen2ForCausalLM(tiny_qwen2_config(attn_implementation="sdpa", **extra)))
+    use_varlen_attention(models[1])
+    return models
+
+
+def test_packed_segments_follow_position_restarts():
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 0, 1, 2]])
+    assert attention.packed_segments(positions, 9) == [
+        [(0, 3), (3, 5), (5, 9)],
+        [(0, 6), (6, 9)],
+    ]
+    assert attention.packed_segments(torch.arange(9)[None], 9) is None  # one example per row
+    assert attention.packed_segments(None, 9) is None
+
+
+def test_mask_skipped_only_where_it_would_only_separate_packed_examples():
+    common = dict(batch_size=2, q_length=8, kv_length=8, q_offset=0, kv_offset=0)
+    assert attention.varlen_mask(**common, attention_mask=None) is None
+    padding = torch.ones(2, 8, dtype=torch.bool)
+    padding[0, 6:] = False
+    assert attention.varlen_mask(**common, attention_mask=padding) is not None
+    assert attention.varlen_mask(**common, attention_mask=None, local_size=4) is not None
+
+
+def test_only_plain_causal_decoders_on_sdpa_switch():
+    from transformers import Qwen2ForCausalLM
+
+    eager = Qwen2ForCausalLM(tiny_qwen2_config(attn_implementation="eager"))
+    use_varlen_attention(eager)
+    assert eager.config._attn_implementation == "eager"
+    sdpa, varlen = _pair()
+    assert varlen.config._attn_implementation == attention.NAME
+    assert sdpa.config._attn_implementation == "sdpa"
+
+
+def test_padded_batches_and_generation_equal_sdpa():
+    sdpa, varlen = _pair(seed=3)
+    examples = toy_examples([9, 4, 13])
+    batch = collate(examples, 0)  # right padding, attention mask
+    with torch.no_grad():
+        a = sdpa(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        b = varlen(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.allclose(a, b, atol=1e-6)
+    prompts = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])  # left padding, KV cache
+    mask = (prompts != 0).long()
+    options = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    out_a = sdpa.generate(input_ids=prompts, attention_mask=mask, **options)
+    out_b = varlen.generate(input_ids=prompts, attention_mask=mask, **options)
+    assert torch.equal(out_a, out_b)
+
+
+def test_one_packed_row_equals_examples_alone_in_forward_and_backward():
+    _, varlen = _pair(seed=5)
+    examples = toy_examples([12, 7, 19])
+    packed = collate_packed(examples, 0, row_tokens=10**6)
+    assert packed["input_ids"].shape == (1, 38)
+    ids = packed["input_ids"][0].tolist()
+    logits = varlen(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits
+    logits.square().sum().backward()
+    packed_grads = [p.grad.clone() for p in varlen.parameters()]
+    varlen.zero_grad()
+    for e in examples:
+        start, n = ids.index(e.input_ids[0]), len(e.input_ids)
+        assert ids[start : start + n] == e.input_ids
+        alone = varlen(input_ids=torch.tensor([e.input_ids])).logits
+        assert torch.allclose(logits[0, start : start + n], alone[0], atol=1e-5)
+        alone.square().sum().backward()
+    for a, p in zip(packed_grads, varlen.parameters()):
+        assert torch.allclose(a, p.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_flash_varlen_equals_sdpa_per_example(dtype):
+    """The one-call flash path (torch's varlen_attn) against causal sdpa per example."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 8, 40, 64, device="cuda", dtype=dtype, generator=gen, requires_grad=True)
+    k = torch.randn(1, 2, 40, 64, device="cuda", dtype=dtype, generator=gen, requires_grad=True)
+    v = torch.randn(1, 2, 40, 64, device="cuda", dtype=dtype, generator=gen, requires_grad=True)
+    segments = [[(0, 17), (17, 25), (25, 40)]]
+    flash = attention._flash_varlen(q, k, v, segments, 64**-0.5, 0.0)
+    assert flash is not None, "torch.nn.attention.varlen.varlen_attn unusable on this GPU"
+    loop = attention._sdpa_per_example(q, k, v, segments, 64**-0.5, 0.0)
+    assert torch.allclose(flash.float(), loop.float(), atol=2e-2)
+    flash.float().square().sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    loop.float().square().sum().backward()
+    for g, t in zip(grads, (q, k, v)):
+        assert torch.allclose(g.float(), t.grad.float(), atol=5e-2, rtol=5e-2)
