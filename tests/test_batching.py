@@ -13,7 +13,6 @@ from conftest import tiny_qwen2_config, toy_examples
 from tuneoff.config import Config
 from tuneoff.data import (
     IGNORE,
-    Example,
     collate,
     collate_packed,
     epoch_batches,
@@ -32,7 +31,9 @@ def tiny_qwen2(attn: str = "sdpa", vocab: int = 768, seed: int = 0) -> torch.nn.
 
     from tuneoff.model import use_varlen_attention
 
-    config = tiny_qwen2_config(vocab=vocab, attn_implementation="sdpa" if attn == "varlen" else attn)
+    config = tiny_qwen2_config(
+        vocab=vocab, attn_implementation="sdpa" if attn == "varlen" else attn
+    )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
     if attn == "varlen":

@@ -103,3 +103,49 @@ def test_model_flops_by_hand():
     )
     lora = model_flops([example], shape, full=False, lora_params=5)
     assert lora == 4 * 100 * 3 + 6 * 5 * 3 + 4 * 10 * 2 + attention
+
+
+def test_median_run_keeps_every_runs_speed():
+    from tuneoff.bench import median_run
+
+    runs = [
+        {"status": "ok", "supervised_tokens_per_s": v, "run": i} for i, v in enumerate([5, 9, 7])
+    ]
+    assert median_run(runs) == {**runs[2], "runs_supervised_tokens_per_s": [5, 9, 7]}
+    assert median_run(runs[:2])["run"] == 0  # even count: the lower middle
+    failed = {"status": "failed", "reason": "x"}
+    assert median_run([runs[0], failed]) == failed
+    assert median_run(runs[:1]) == runs[0]
+
+
+def test_seed_config_is_the_reference_recipe():
+    from tuneoff.bench import seed_config
+    from tuneoff.config import Config
+
+    seed = seed_config(Config(batch_size=16, grad_accum=1), "cpu", None)
+    assert (seed.batch_size, seed.grad_accum) == (4, 4)
+    assert (seed.batching, seed.loss_chunk_size, seed.weights_dtype) == ("padded", 0, "fp32")
+    assert not seed.fast_dropout and not seed.fused_optimizer
+
+
+def test_repeats_interleave_arm_processes(tiny_config, tmp_path):
+    from tuneoff.cli import main
+
+    work = tmp_path / "bench"
+    argv = ["bench", "--model", str(tiny_config), "--steps", "1", "--warmup-steps", "0"]
+    argv += ["--methods", "lora", "--baselines", "seed", "--repeats", "2", "--seq-len", "64"]
+    argv += ["--work-dir", str(work), "--device", "cpu", "batch_size=4", "grad_accum=1"]
+    assert main(argv) == 0
+    report = json.loads((work / "bench.json").read_text())
+    assert report["repeats"] == 2
+    for arm in report["arms"]:
+        assert len(arm["runs_supervised_tokens_per_s"]) == 2
+        assert arm["supervised_tokens_per_s"] in arm["runs_supervised_tokens_per_s"]
+    assert sorted(p.name for p in work.glob("*.json") if ".spec" not in p.name) == [
+        "bench.json",
+        "examples.json",
+        "lora.1.json",
+        "lora.2.json",
+        "seed.1.json",
+        "seed.2.json",
+    ]

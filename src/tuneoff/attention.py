@@ -62,7 +62,9 @@ def varlen_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
     return sdpa_mask(*args, **kwargs)
 
 
-def packed_segments(position_ids: torch.Tensor | None, length: int) -> list[list[tuple[int, int]]] | None:
+def packed_segments(
+    position_ids: torch.Tensor | None, length: int
+) -> list[list[tuple[int, int]]] | None:
     """Per row, the (start, end) of each example: a new one starts wherever the position id does
     not follow its predecessor. None when no row holds more than one example. Read once per
     position-id tensor (one host sync per forward, not per layer)."""

@@ -13,8 +13,8 @@ Arms:
   (precision auto unless `precision=` is given).
 - `seed`, the reference recipe (LoRA): the same step with fp32 weights, fp16 autocast and a
   GradScaler on CUDA (fp32 on CPU), every sequence padded to max_seq_len, full-vocabulary logits,
-  plain (foreach) AdamW, torch's dropout, micro-batch 4 (or `--batch-size`) and the accumulation that makes the
-  same examples per optimizer step.
+  plain (foreach) AdamW, torch's dropout, micro-batch 4 (or `--batch-size`) and the accumulation
+  that makes the same examples per optimizer step.
 - `trl`: TRL's SFTTrainer with a PEFT LoraConfig, the same hyperparameters (r, alpha, dropout,
   targets, lr, warmup, schedule, clip, batch, accumulation, max_length), the same tokenized
   examples in the same order (a sequential sampler; labels given, prompt tokens -100) and TRL's
@@ -561,6 +561,7 @@ class BenchPlan:
     steps: int
     warmup_steps: int
     work_dir: Path
+    repeats: int = 1
 
 
 def seed_config(cfg: Config, device: str, batch_size: int | None) -> Config:
@@ -600,43 +601,61 @@ def arm_configs(
 def run_bench(
     plan: BenchPlan, examples: list[Example], device: str, batch_size: int | None
 ) -> dict:
-    """Write the examples once, run every arm in its own process, collect the results."""
+    """Write the examples once, run every arm in its own process, collect the results. With
+    `plan.repeats` > 1 the arms run in interleaved rounds (a, b, c, a, b, c, ...), so that a
+    slow spell of a shared machine hits every arm alike, and each arm reports its median run."""
     plan.work_dir.mkdir(parents=True, exist_ok=True)
     data_path = plan.work_dir / "examples.json"
     write_examples(examples, data_path)
-    results = []
-    for arm, kind, cfg in arm_configs(plan, device, batch_size):
-        spec = {
-            "arm": arm,
-            "kind": kind,
-            "config": cfg.to_dict(),
-            "examples": str(data_path),
-            "steps": plan.steps,
-            "warmup_steps": plan.warmup_steps,
-            "work_dir": str(plan.work_dir / arm),
-            "result": str(plan.work_dir / f"{arm}.json"),
-        }
-        spec_path = plan.work_dir / f"{arm}.spec.json"
-        spec_path.write_text(json.dumps(spec, indent=1))
-        Path(spec["result"]).unlink(missing_ok=True)
-        print(f"== {arm}", file=sys.stderr, flush=True)
-        started = time.perf_counter()
-        cmd = [sys.executable, "-m", "tuneoff.bench", "--worker", str(spec_path)]
-        code = subprocess.run(cmd, stdout=sys.stderr).returncode  # stdout: the table or JSON
-        if Path(spec["result"]).is_file():
-            result = json.loads(Path(spec["result"]).read_text())
-        else:
-            reason = f"arm process exited with code {code}; see its output above"
-            result = {
-                "arm": arm,
-                "kind": kind,
-                "method": cfg.method,
-                "status": "failed",
-                "reason": reason,
-            }
-        result["process_s"] = time.perf_counter() - started
-        results.append(result)
-    return {"arms": results, "ratios": ratios(results)}
+    arms = arm_configs(plan, device, batch_size)
+    runs: dict[str, list[dict]] = {arm: [] for arm, _, _ in arms}
+    for round_ in range(plan.repeats):
+        for arm, kind, cfg in arms:
+            tag = arm if plan.repeats == 1 else f"{arm}.{round_ + 1}"
+            runs[arm].append(run_arm_process(plan, arm, kind, cfg, data_path, tag))
+    results = [median_run(runs[arm]) for arm, _, _ in arms]
+    return {"arms": results, "ratios": ratios(results), "repeats": plan.repeats}
+
+
+def run_arm_process(
+    plan: BenchPlan, arm: str, kind: str, cfg: Config, data_path: Path, tag: str
+) -> dict:
+    spec = {
+        "arm": arm,
+        "kind": kind,
+        "config": cfg.to_dict(),
+        "examples": str(data_path),
+        "steps": plan.steps,
+        "warmup_steps": plan.warmup_steps,
+        "work_dir": str(plan.work_dir / tag),
+        "result": str(plan.work_dir / f"{tag}.json"),
+    }
+    spec_path = plan.work_dir / f"{tag}.spec.json"
+    spec_path.write_text(json.dumps(spec, indent=1))
+    Path(spec["result"]).unlink(missing_ok=True)
+    print(f"== {tag}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    cmd = [sys.executable, "-m", "tuneoff.bench", "--worker", str(spec_path)]
+    code = subprocess.run(cmd, stdout=sys.stderr).returncode  # stdout: the table or JSON
+    if Path(spec["result"]).is_file():
+        result = json.loads(Path(spec["result"]).read_text())
+    else:
+        reason = f"arm process exited with code {code}; see its output above"
+        result = {"arm": arm, "kind": kind, "method": cfg.method, "status": "failed"}
+        result["reason"] = reason
+    result["process_s"] = time.perf_counter() - started
+    return result
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median supervised tokens/s (the lower middle of an even count), with
+    every run's figure beside it; the first failed run if any failed."""
+    bad = [r for r in runs if r["status"] != "ok"]
+    if bad or len(runs) == 1:
+        return bad[0] if bad else runs[0]
+    speeds = [r["supervised_tokens_per_s"] for r in runs]
+    ranked = sorted(range(len(runs)), key=lambda i: speeds[i])
+    return {**runs[ranked[(len(runs) - 1) // 2]], "runs_supervised_tokens_per_s": speeds}
 
 
 def ratios(results: list[dict]) -> dict[str, dict[str, float]]:
@@ -651,6 +670,12 @@ def ratios(results: list[dict]) -> dict[str, dict[str, float]]:
                 speed = r["supervised_tokens_per_s"] / ok[base]["supervised_tokens_per_s"]
                 out.setdefault(r["arm"], {})[base] = speed
     return out
+
+
+def _speed(r: dict) -> str:
+    runs = r.get("runs_supervised_tokens_per_s")
+    spread = f" ({min(runs):,.0f}-{max(runs):,.0f})" if runs else ""
+    return f"{r['supervised_tokens_per_s']:,.0f}{spread}"
 
 
 def format_table(report: dict) -> str:
@@ -683,7 +708,7 @@ def format_table(report: dict) -> str:
             (
                 r["arm"],
                 "ok",
-                f"{r['supervised_tokens_per_s']:,.0f}",
+                _speed(r),
                 f"{r['tokens_per_s']:,.0f}",
                 f"{r['padding_fraction']:.1%}",
                 f"{r['optimizer_step_ms']:.1f}" if r.get("optimizer_step_ms") is not None else "-",

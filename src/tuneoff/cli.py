@@ -149,6 +149,13 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", help="tokenize batches from this dataset (default: synthetic)")
     p.add_argument("--steps", type=int, default=10, help="measured optimizer steps (10)")
     p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps first (2)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run every arm this many times in interleaved rounds and report each arm's "
+        "median run, with the range (1; use 3+ on a shared or noisy machine)",
+    )
     p.add_argument("--batch-size", type=int, help="micro-batch of every arm (seed: 4)")
     p.add_argument("--grad-accum", type=int, help="accumulation steps (config: grad_accum)")
     p.add_argument(
@@ -625,13 +632,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip() not in ("", "none")]
     if set(baselines) - set(bench.BASELINES):
         raise UsageError(f"--baselines {args.baselines}: choose from {', '.join(bench.BASELINES)}")
-    if args.steps < 1 or args.warmup_steps < 0:
-        raise UsageError("--steps must be >= 1 and --warmup-steps >= 0")
+    if args.steps < 1 or args.warmup_steps < 0 or args.repeats < 1:
+        raise UsageError("--steps and --repeats must be >= 1, --warmup-steps >= 0")
     device = choose_runtime(cfg).device
     work_dir = Path(args.work_dir) if args.work_dir else bench.default_work_dir()
     n = (args.steps + args.warmup_steps) * cfg.batch_size * cfg.grad_accum
     examples, source = bench.build_examples(cfg, args.dataset, n)
-    plan = bench.BenchPlan(cfg, methods, baselines, args.steps, args.warmup_steps, work_dir)
+    plan = bench.BenchPlan(
+        cfg, methods, baselines, args.steps, args.warmup_steps, work_dir, args.repeats
+    )
     stats = bench.length_stats(examples)
     print(
         f"tuneoff bench: {cfg.model} ({device}), {', '.join(methods + baselines)}; {source}: "

@@ -5,8 +5,8 @@ methods differ (full: every weight trainable; lora: frozen base plus a PEFT adap
 from __future__ import annotations
 
 import functools
-import math
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,13 +213,16 @@ class FastDropout(torch.nn.Dropout):
     embedded model. Elsewhere (CUDA, eval) it is torch's dropout."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0 or x.device.type != "cpu":
+        if not self.training or self.p == 0 or x.device.type not in ("cpu", "meta"):
             return super().forward(x)
-        import numpy as np
+        if x.device.type == "meta":  # the planner's trace of a CPU run: the same tensors
+            bits = torch.empty(x.shape, dtype=torch.int32, device="meta")
+        else:
+            import numpy as np
 
-        seed = int(torch.randint(0, 2**62, ()))  # reproducible under torch.manual_seed
-        words = np.random.SFC64(seed).random_raw(-(-x.numel() // 2)).view(np.uint32)
-        bits = torch.from_numpy(words[: x.numel()].view(np.int32)).view(x.shape)
+            seed = int(torch.randint(0, 2**62, ()))  # reproducible under torch.manual_seed
+            words = np.random.SFC64(seed).random_raw(-(-x.numel() // 2)).view(np.uint32)
+            bits = torch.from_numpy(words[: x.numel()].view(np.int32)).view(x.shape)
         keep = (bits & 0xFFFFFF) >= math.ceil(self.p * 2**24)
         return _MaskScale.apply(x, keep, 1.0 / (1.0 - self.p))
 

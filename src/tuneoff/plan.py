@@ -170,7 +170,10 @@ def _trace_cfg(cfg: Config, runtime: Runtime) -> tuple[Config, torch.dtype]:
     method = "lora" if cfg.method == "qlora" else cfg.method
     if method == "full" and dtype_name == "fp16":
         dtype_name = "bf16"  # same bytes; fp16 is refused for full weights
-    return cfg.replace(method=method, weights_dtype=dtype_name), act_dtype
+    fast_dropout = cfg.fast_dropout and runtime.device == "cpu"  # as prepare_model decides
+    return cfg.replace(
+        method=method, weights_dtype=dtype_name, fast_dropout=fast_dropout
+    ), act_dtype
 
 
 def _meta_model(arch_config: Any, cfg: Config) -> torch.nn.Module:
