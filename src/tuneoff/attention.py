@@ -30,7 +30,7 @@ NAME = "tuneoff_varlen"
 # Plain causal decoders: attention is causal within a sequence and nothing else (no sliding
 # window by default, no bidirectional spans, no soft-capping), as the per-example path assumes.
 VARLEN_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral", "phi3", "olmo2", "granite")
-_last: tuple[Any, list[list[tuple[int, int]]] | None] = (None, None)
+_last: tuple[Any, int, list[list[tuple[int, int]]] | None] = (None, 0, None)
 _flash_failed = False
 
 
@@ -73,8 +73,8 @@ def packed_segments(
         return None
     if position_ids.device.type == "meta":  # the planner's trace: no values to read
         return None
-    ref, cached = _last  # one read: serving threads may replace it meanwhile
-    if ref is not None and ref() is position_ids:
+    ref, version, cached = _last  # one read: serving threads may replace it meanwhile
+    if ref is not None and ref() is position_ids and version == position_ids._version:
         return cached
     starts = (position_ids[:, 1:] - position_ids[:, :-1]) != 1
     segments: list[list[tuple[int, int]]] | None = None
@@ -83,10 +83,11 @@ def packed_segments(
         for row in starts.tolist():
             cuts = [0] + [t + 1 for t, s in enumerate(row) if s] + [length]
             segments.append(list(zip(cuts[:-1], cuts[1:])))
-    _last = (weakref.ref(position_ids), segments)
+    _last = (weakref.ref(position_ids), position_ids._version, segments)
     return segments
 
 
+@torch.compiler.disable  # data-dependent Python (segment lists); compiled models call it eagerly
 def varlen_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,  # [batch, heads, tokens, head_dim]

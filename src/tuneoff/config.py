@@ -94,7 +94,7 @@ class Config:
     gradient_checkpointing: bool = False
     loss_chunk_size: int = 512  # supervised tokens per lm-head chunk; 0: full-vocab logits
     optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes) | adamw_lean (bf16 states)
-    fused_optimizer: bool = True  # fused AdamW kernel on CUDA (false: torch's default foreach)
+    fused_optimizer: bool = True  # fused AdamW kernel, CUDA and CPU (false: torch's foreach)
     memory_budget: str | None = None  # e.g. 16GiB: caps this process's CUDA memory
     batching: str = "packed"  # packed (no padding) | longest (pad to batch max) | padded
     # packed rows: varlen (attention per example, one row per micro-batch) | mask (sdpa with a

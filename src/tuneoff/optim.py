@@ -1,6 +1,7 @@
-"""Optimizers: torch AdamW (fused on CUDA), bitsandbytes 8-bit AdamW, and `LeanAdamW`, a plain
-PyTorch AdamW whose moments are stored in bf16 and which updates bf16 weights with stochastic
-rounding, so full fine-tuning fits small GPUs where bitsandbytes is missing.
+"""Optimizers: torch AdamW (fused kernel on CUDA and CPU), bitsandbytes 8-bit AdamW, and
+`LeanAdamW`, a plain PyTorch AdamW whose moments are stored in bf16 and which updates bf16
+weights with stochastic rounding, so full fine-tuning fits small GPUs where bitsandbytes is
+missing.
 
 Bytes of optimizer state per trainable parameter: adamw 8 (fp32 weights; 4 for bf16 weights),
 adamw8bit about 2, adamw_lean 4.
@@ -40,7 +41,7 @@ def make_optimizer(model: torch.nn.Module, cfg: Config, device: str) -> torch.op
         return bnb.optim.AdamW8bit(params, **kwargs)
     if cfg.optimizer == "adamw_lean":
         return LeanAdamW(params, **kwargs)
-    if device == "cuda" and cfg.fused_optimizer:
+    if cfg.fused_optimizer and device in ("cuda", "cpu"):  # torch has both kernels
         return torch.optim.AdamW(params, fused=True, **kwargs)
     return torch.optim.AdamW(params, **kwargs)
 
