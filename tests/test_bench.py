@@ -149,3 +149,17 @@ def test_repeats_interleave_arm_processes(tiny_config, tmp_path):
         "seed.1.json",
         "seed.2.json",
     ]
+
+
+def test_ratios_are_paired_per_round_then_medianed():
+    from tuneoff.bench import median_ratios, ratios
+
+    def arm(name, kind, speed):
+        return {"arm": name, "kind": kind, "status": "ok", "supervised_tokens_per_s": speed}
+
+    rounds = [
+        ratios([arm("lora", "tuneoff", 20), arm("seed", "seed", 10)]),  # 2.0
+        ratios([arm("lora", "tuneoff", 12), arm("seed", "seed", 8)]),  # 1.5: a slow round
+        ratios([arm("lora", "tuneoff", 30), arm("seed", "seed", 12)]),  # 2.5
+    ]
+    assert median_ratios(rounds) == {"lora": {"seed": 2.0}}

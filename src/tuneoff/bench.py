@@ -614,7 +614,8 @@ def run_bench(
             tag = arm if plan.repeats == 1 else f"{arm}.{round_ + 1}"
             runs[arm].append(run_arm_process(plan, arm, kind, cfg, data_path, tag))
     results = [median_run(runs[arm]) for arm, _, _ in arms]
-    return {"arms": results, "ratios": ratios(results), "repeats": plan.repeats}
+    rounds = [ratios([runs[arm][i] for arm, _, _ in arms]) for i in range(plan.repeats)]
+    return {"arms": results, "ratios": median_ratios(rounds), "repeats": plan.repeats}
 
 
 def run_arm_process(
@@ -656,6 +657,17 @@ def median_run(runs: list[dict]) -> dict:
     speeds = [r["supervised_tokens_per_s"] for r in runs]
     ranked = sorted(range(len(runs)), key=lambda i: speeds[i])
     return {**runs[ranked[(len(runs) - 1) // 2]], "runs_supervised_tokens_per_s": speeds}
+
+
+def median_ratios(rounds: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Each ratio's median over the rounds: arms of one round ran back to back, so a paired
+    ratio cancels the machine's slow spells better than a ratio of medians would."""
+    out: dict[str, dict[str, float]] = {}
+    for arm in rounds[0]:
+        for base in rounds[0][arm]:
+            values = sorted(r[arm][base] for r in rounds if base in r.get(arm, {}))
+            out.setdefault(arm, {})[base] = values[(len(values) - 1) // 2]
+    return out
 
 
 def ratios(results: list[dict]) -> dict[str, dict[str, float]]:
