@@ -111,3 +111,22 @@ def test_cuda_flash_varlen_equals_sdpa_per_example(dtype):
     loop.float().square().sum().backward()
     for g, t in zip(grads, (q, k, v)):
         assert torch.allclose(g.float(), t.grad.float(), atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_packed_loss_under_autocast_takes_flash_and_equals_padded():
+    """fp32 weights under bf16 autocast (full fine-tuning's setting): one flash call per layer."""
+    from tuneoff.loss import forward_loss
+
+    sdpa, varlen = (m.cuda() for m in _pair(seed=7, hidden=64))
+    examples = toy_examples([30, 12, 50, 7])
+
+    def cuda(batch):
+        return {k: v.cuda() for k, v in batch.items()}
+
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        padded = forward_loss(sdpa, cuda(collate(examples, 0)), 0)
+        packed = forward_loss(varlen, cuda(collate_packed(examples, 0, 10**6)), 0)
+    assert float(packed) == pytest.approx(float(padded), rel=2e-2)
+    assert not attention._flash_failed

@@ -32,6 +32,7 @@ NAME = "tuneoff_varlen"
 VARLEN_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral", "phi3", "olmo2", "granite")
 _last: tuple[Any, int, list[list[tuple[int, int]]] | None] = (None, 0, None)
 _flash_failed = False
+_cu: tuple[Any, Any, Any, int] = (None, None, None, 0)
 
 
 def register() -> str:
@@ -110,8 +111,12 @@ def varlen_attention_forward(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and not _flash_failed:
-        out = _flash_varlen(query, key, value, segments, scaling, dropout)
+    dtype = query.dtype
+    if query.is_cuda and torch.is_autocast_enabled("cuda"):  # sdpa would run in this dtype
+        dtype = torch.get_autocast_dtype("cuda")
+    if query.is_cuda and dtype in (torch.float16, torch.bfloat16) and not _flash_failed:
+        q, k, v = (x.to(dtype) for x in (query, key, value))
+        out = _flash_varlen(q, k, v, segments, scaling, dropout)
         if out is not None:
             return out, None
     return _sdpa_per_example(query, key, value, segments, scaling, dropout), None
@@ -135,6 +140,17 @@ def _sdpa_per_example(query, key, value, segments, scaling, dropout) -> torch.Te
     return torch.cat(rows).transpose(1, 2).contiguous()
 
 
+def _cu_seqlens(segments: list, device: torch.device) -> tuple[torch.Tensor, int]:
+    """Cumulative example lengths on `device` (int32) and the longest, made once per forward
+    (the segment list is cached per position-id tensor), not once per layer."""
+    global _cu
+    if _cu[0] is not segments or _cu[1] != device:
+        lengths = [e - s for row in segments for s, e in row]
+        cu = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        _cu = (segments, device, cu.to(device), max(lengths))
+    return _cu[2], _cu[3]
+
+
 def _flash_varlen(query, key, value, segments, scaling, dropout) -> torch.Tensor | None:
     """One flash-attention call over all examples; None (and sdpa per example from then on)
     where this torch has no usable `varlen_attn`."""
@@ -148,9 +164,7 @@ def _flash_varlen(query, key, value, segments, scaling, dropout) -> torch.Tensor
     if dropout or ("scale" not in params and scaling not in (None, query.shape[-1] ** -0.5)):
         return None
     batch, heads, length, dim = query.shape
-    lengths = [e - s for row in segments for s, e in row]
-    cu = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    cu = cu.to(query.device, non_blocking=True)
+    cu, longest = _cu_seqlens(segments, query.device)
     kv_heads = key.shape[1]
     if kv_heads != heads and "enable_gqa" not in params:
         key = key.repeat_interleave(heads // kv_heads, dim=1)
@@ -167,9 +181,7 @@ def _flash_varlen(query, key, value, segments, scaling, dropout) -> torch.Tensor
         return x.transpose(1, 2).reshape(batch * length, x.shape[1], dim)
 
     try:
-        out = varlen_attn(
-            flat(query), flat(key), flat(value), cu, cu, max(lengths), max(lengths), **options
-        )
+        out = varlen_attn(flat(query), flat(key), flat(value), cu, cu, longest, longest, **options)
     except (RuntimeError, TypeError, ValueError) as err:  # an older or partial varlen_attn
         _flash_failed = True
         log.warning("torch varlen_attn unusable here (%s): causal sdpa per example", err)
