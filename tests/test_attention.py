@@ -130,3 +130,12 @@ def test_cuda_packed_loss_under_autocast_takes_flash_and_equals_padded():
         packed = forward_loss(varlen, cuda(collate_packed(examples, 0, 10**6)), 0)
     assert float(packed) == pytest.approx(float(padded), rel=2e-2)
     assert not attention._flash_failed
+
+
+def test_inference_mode_forward_works():
+    _, varlen = _pair(seed=9)
+    packed = collate_packed(toy_examples([6, 9]), 0, row_tokens=10**6)
+    with torch.inference_mode():
+        out = varlen(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits
+        plain = varlen(input_ids=packed["input_ids"]).logits  # transformers' own position ids
+    assert out.shape == plain.shape == (1, 15, 768)

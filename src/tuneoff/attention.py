@@ -12,11 +12,13 @@ ids show packed examples (a restart inside a row) and there is no cache, it atte
   call over the flattened rows;
 - otherwise: causal sdpa per example, in a loop.
 Every other call (padded batches, generation with a KV cache) goes to transformers' sdpa
-unchanged, so the model behaves as under sdpa everywhere else.
+unchanged. (One difference: a packed prefill with a cache, which transformers' sdpa would not
+recognize as packed, is also attended per example.)
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import weakref
@@ -74,8 +76,14 @@ def packed_segments(
         return None
     if position_ids.device.type == "meta":  # the planner's trace: no values to read
         return None
+    inference = position_ids.is_inference()  # no version counter: not cached
     ref, version, cached = _last  # one read: serving threads may replace it meanwhile
-    if ref is not None and ref() is position_ids and version == position_ids._version:
+    if (
+        not inference
+        and ref is not None
+        and ref() is position_ids
+        and version == position_ids._version
+    ):
         return cached
     starts = (position_ids[:, 1:] - position_ids[:, :-1]) != 1
     segments: list[list[tuple[int, int]]] | None = None
@@ -84,7 +92,8 @@ def packed_segments(
         for row in starts.tolist():
             cuts = [0] + [t + 1 for t, s in enumerate(row) if s] + [length]
             segments.append(list(zip(cuts[:-1], cuts[1:])))
-    _last = (weakref.ref(position_ids), position_ids._version, segments)
+    if not inference:
+        _last = (weakref.ref(position_ids), position_ids._version, segments)
     return segments
 
 
@@ -140,15 +149,21 @@ def _sdpa_per_example(query, key, value, segments, scaling, dropout) -> torch.Te
     return torch.cat(rows).transpose(1, 2).contiguous()
 
 
+@functools.cache
+def _parameters(function: Any) -> Any:
+    return inspect.signature(function).parameters
+
+
 def _cu_seqlens(segments: list, device: torch.device) -> tuple[torch.Tensor, int]:
     """Cumulative example lengths on `device` (int32) and the longest, made once per forward
     (the segment list is cached per position-id tensor), not once per layer."""
     global _cu
-    if _cu[0] is not segments or _cu[1] != device:
+    cached = _cu  # one read: another thread may replace it meanwhile
+    if cached[0] is not segments or cached[1] != device:
         lengths = [e - s for row in segments for s, e in row]
         cu = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        _cu = (segments, device, cu.to(device), max(lengths))
-    return _cu[2], _cu[3]
+        cached = _cu = (segments, device, cu.to(device), max(lengths))
+    return cached[2], cached[3]
 
 
 def _flash_varlen(query, key, value, segments, scaling, dropout) -> torch.Tensor | None:
@@ -160,7 +175,7 @@ def _flash_varlen(query, key, value, segments, scaling, dropout) -> torch.Tensor
     except ImportError:
         _flash_failed = True
         return None
-    params = inspect.signature(varlen_attn).parameters
+    params = _parameters(varlen_attn)
     if dropout or ("scale" not in params and scaling not in (None, query.shape[-1] ** -0.5)):
         return None
     batch, heads, length, dim = query.shape
@@ -182,6 +197,8 @@ def _flash_varlen(query, key, value, segments, scaling, dropout) -> torch.Tensor
 
     try:
         out = varlen_attn(flat(query), flat(key), flat(value), cu, cu, longest, longest, **options)
+    except torch.OutOfMemoryError:
+        raise
     except (RuntimeError, TypeError, ValueError) as err:  # an older or partial varlen_attn
         _flash_failed = True
         log.warning("torch varlen_attn unusable here (%s): causal sdpa per example", err)
