@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from conftest import tiny_qwen2_config, toy_examples
@@ -139,3 +141,24 @@ def test_inference_mode_forward_works():
         out = varlen(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits
         plain = varlen(input_ids=packed["input_ids"]).logits  # transformers' own position ids
     assert out.shape == plain.shape == (1, 15, 768)
+
+
+def test_training_step_reads_segments_once_from_the_host_copy(monkeypatch):
+    """run_window hands the host position ids over: the forward never reads them on the device
+    (on CUDA each read would wait for the queued kernels), and no layer reads them again."""
+    from accelerate import Accelerator
+
+    from tuneoff.train import run_window
+
+    _, varlen = _pair(seed=11)
+    reads = []
+    original = attention._segments_of
+
+    def counted(position_ids):
+        reads.append(inspect.stack()[1].function)
+        return original(position_ids)
+
+    monkeypatch.setattr(attention, "_segments_of", counted)
+    batch = collate_packed(toy_examples([10, 14, 6]), 0, row_tokens=10**6)
+    run_window(varlen, Accelerator(cpu=True), [batch], chunk_size=0)
+    assert reads == ["remember_segments"]  # once, before the forward, for a 2-layer model

@@ -70,7 +70,8 @@ def packed_segments(
 ) -> list[list[tuple[int, int]]] | None:
     """Per row, the (start, end) of each example: a new one starts wherever the position id does
     not follow its predecessor. None when no row holds more than one example. Read once per
-    position-id tensor (one host sync per forward, not per layer)."""
+    position-id tensor (one host sync per forward, not per layer; none when the training loop
+    gave the segments with `remember_segments`)."""
     global _last
     if position_ids is None or position_ids.shape[-1] != length or length < 2:
         return None
@@ -85,15 +86,29 @@ def packed_segments(
         and version == position_ids._version
     ):
         return cached
-    starts = (position_ids[:, 1:] - position_ids[:, :-1]) != 1
-    segments: list[list[tuple[int, int]]] | None = None
-    if bool(starts.any()):
-        segments = []
-        for row in starts.tolist():
-            cuts = [0] + [t + 1 for t, s in enumerate(row) if s] + [length]
-            segments.append(list(zip(cuts[:-1], cuts[1:])))
+    segments = _segments_of(position_ids)
     if not inference:
         _last = (weakref.ref(position_ids), position_ids._version, segments)
+    return segments
+
+
+def remember_segments(position_ids: torch.Tensor, host_position_ids: torch.Tensor) -> None:
+    """Cache the segments of `position_ids` (on the device) read from its host copy, so that the
+    forward never waits for the device to read them."""
+    global _last
+    if not position_ids.is_inference():
+        _last = (weakref.ref(position_ids), position_ids._version, _segments_of(host_position_ids))
+
+
+def _segments_of(position_ids: torch.Tensor) -> list[list[tuple[int, int]]] | None:
+    length = position_ids.shape[-1]
+    starts = (position_ids[:, 1:] - position_ids[:, :-1]) != 1
+    if not bool(starts.any()):
+        return None
+    segments = []
+    for row in starts.tolist():
+        cuts = [0] + [t + 1 for t, s in enumerate(row) if s] + [length]
+        segments.append(list(zip(cuts[:-1], cuts[1:])))
     return segments
 
 
@@ -162,7 +177,9 @@ def _cu_seqlens(segments: list, device: torch.device) -> tuple[torch.Tensor, int
     if cached[0] is not segments or cached[1] != device:
         lengths = [e - s for row in segments for s, e in row]
         cu = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        cached = _cu = (segments, device, cu.to(device), max(lengths))
+        if device.type == "cuda":  # pinned: the copy does not wait for the queued kernels
+            cu = cu.pin_memory().to(device, non_blocking=True)
+        cached = _cu = (segments, device, cu, max(lengths))
     return cached[2], cached[3]
 
 
