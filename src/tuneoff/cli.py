@@ -153,8 +153,9 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
         "--repeats",
         type=int,
         default=1,
-        help="run every arm this many times in interleaved rounds and report each arm's "
-        "median run, with the range (1; use 3+ on a shared or noisy machine)",
+        help="run every arm this many times in interleaved rounds; report each arm's median "
+        "run with the range, and each ratio as the median of the rounds' ratios (1; use 3+ on "
+        "a shared or noisy machine)",
     )
     p.add_argument("--batch-size", type=int, help="micro-batch of every arm (seed: 4)")
     p.add_argument("--grad-accum", type=int, help="accumulation steps (config: grad_accum)")
