@@ -56,7 +56,29 @@ def test_only_plain_causal_decoders_on_sdpa_switch():
     assert sdpa.config._attn_implementation == "sdpa"
 
 
-def test_padded_batches_and_generation_equal_sdpa():
+def test_sliding_window_configs_stay_on_sdpa():
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2ForCausalLM
+
+    mistral = MistralForCausalLM(
+        MistralConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=4, num_key_value_heads=2, sliding_window=16,
+            attn_implementation="sdpa",
+        )
+    )  # fmt: skip
+    use_varlen_attention(mistral)
+    assert mistral.config._attn_implementation == "sdpa"  # the window needs sdpa's mask
+    qwen = Qwen2ForCausalLM(tiny_qwen2_config(attn_implementation="sdpa", sliding_window=16))
+    assert not qwen.config.use_sliding_window  # Qwen2 keeps the window unused
+    use_varlen_attention(qwen)
+    assert qwen.config._attn_implementation == attention.NAME
+
+
+def test_padded_batches_and_generation_equal_sdpa(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a padded or generation batch reached the per-example path")
+
+    monkeypatch.setattr(attention, "_sdpa_per_example", refuse)
     sdpa, varlen = _pair(seed=3)
     examples = toy_examples([9, 4, 13])
     batch = collate(examples, 0)  # right padding, attention mask

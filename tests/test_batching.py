@@ -241,7 +241,7 @@ def test_packed_gradients_equal_padded_gradients(attn):
     packed = grads(collate_packed(examples, 0, 64))
     for a, b in zip(padded, packed):
         assert torch.allclose(a, b, atol=1e-5)
-    if attn == "varlen":  # two rows, each ending in a padding segment
+    if attn == "varlen":  # two rows, the shorter ending in a padding segment
         two_rows = grads(collate_packed(examples, 0, 26))
         for a, b in zip(padded, two_rows):
             assert torch.allclose(a, b, atol=1e-5)

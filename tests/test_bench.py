@@ -128,7 +128,7 @@ def test_seed_config_is_the_reference_recipe():
     assert not seed.fast_dropout and not seed.fused_optimizer
 
 
-def test_repeats_interleave_arm_processes(tiny_config, tmp_path):
+def test_repeats_interleave_arm_processes(tiny_config, tmp_path, capfd):
     from tuneoff.cli import main
 
     work = tmp_path / "bench"
@@ -141,6 +141,8 @@ def test_repeats_interleave_arm_processes(tiny_config, tmp_path):
     for arm in report["arms"]:
         assert len(arm["runs_supervised_tokens_per_s"]) == 2
         assert arm["supervised_tokens_per_s"] in arm["runs_supervised_tokens_per_s"]
+    started = [line for line in capfd.readouterr().err.splitlines() if line.startswith("== ")]
+    assert started == ["== lora.1", "== seed.1", "== lora.2", "== seed.2"]  # interleaved
     assert sorted(p.name for p in work.glob("*.json") if ".spec" not in p.name) == [
         "bench.json",
         "examples.json",
@@ -159,7 +161,9 @@ def test_ratios_are_paired_per_round_then_medianed():
 
     rounds = [
         ratios([arm("lora", "tuneoff", 20), arm("seed", "seed", 10)]),  # 2.0
-        ratios([arm("lora", "tuneoff", 12), arm("seed", "seed", 8)]),  # 1.5: a slow round
+        ratios([arm("lora", "tuneoff", 12), arm("seed", "seed", 4)]),  # 3.0: a slow seed run
         ratios([arm("lora", "tuneoff", 30), arm("seed", "seed", 12)]),  # 2.5
     ]
-    assert median_ratios(rounds) == {"lora": {"seed": 2.0}}
+    assert median_ratios(rounds) == {"lora": {"seed": 2.5}}  # ratio of the medians: 20/10 = 2
+    rounds[0] = ratios([arm("lora", "tuneoff", 20), {**arm("seed", "seed", 10), "status": "oom"}])
+    assert median_ratios(rounds) == {"lora": {"seed": 2.5}}  # rounds where both ran (3.0, 2.5)

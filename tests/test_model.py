@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import tuneoff
 from tuneoff.config import Config
-from tuneoff.model import ModelError, choose_runtime, count_parameters, prepare_model
+from tuneoff.model import ModelError, Runtime, choose_runtime, count_parameters, prepare_model
 
 ARCH = Path(tuneoff.__file__).parent / "archs" / "qwen2.5-1.5b-instruct.json"
 
@@ -94,11 +94,12 @@ def test_fast_dropout_masks_like_torch_and_is_seeded():
 def test_prepare_model_installs_fast_dropout_on_cpu_only_when_asked(tiny_model_dir):
     from tuneoff.model import FastDropout, load_model, prepare_model
 
-    def dropouts(fast: bool) -> set[type]:
-        model = prepare_model(
-            load_model(str(tiny_model_dir)), Config(method="lora", fast_dropout=fast)
-        )
+    def dropouts(fast: bool, device: str = "cpu") -> set[type]:
+        runtime = Runtime(device, "fp32", "test")
+        cfg = Config(method="lora", fast_dropout=fast)
+        model = prepare_model(load_model(str(tiny_model_dir)), cfg, runtime)
         return {type(m) for m in model.modules() if isinstance(m, torch.nn.Dropout)}
 
     assert dropouts(True) == {FastDropout}
     assert dropouts(False) == {torch.nn.Dropout}
+    assert dropouts(True, "cuda") == {torch.nn.Dropout}  # torch's fused dropout there

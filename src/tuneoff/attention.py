@@ -11,9 +11,8 @@ ids show packed examples (a restart inside a row) and there is no cache, it atte
 - CUDA, fp16/bf16, torch with `torch.nn.attention.varlen.varlen_attn`: one flash-attention varlen
   call over the flattened rows;
 - otherwise: causal sdpa per example, in a loop.
-Every other call (padded batches, generation with a KV cache) goes to transformers' sdpa
-unchanged. (One difference: a packed prefill with a cache, which transformers' sdpa would not
-recognize as packed, is also attended per example.)
+Every other call (padded batches, generation, anything with a mask or a KV cache) goes to
+transformers' sdpa unchanged.
 """
 
 from __future__ import annotations
@@ -29,8 +28,9 @@ import torch
 log = logging.getLogger(__name__)
 
 NAME = "tuneoff_varlen"
-# Plain causal decoders: attention is causal within a sequence and nothing else (no sliding
-# window by default, no bidirectional spans, no soft-capping), as the per-example path assumes.
+# Plain causal decoders: attention is causal within a sequence and nothing else (no
+# bidirectional spans, no soft-capping), as the per-example path assumes; configs with an
+# active sliding window are left on sdpa (`model.use_varlen_attention`).
 VARLEN_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral", "phi3", "olmo2", "granite")
 _last: tuple[Any, int, list[list[tuple[int, int]]] | None] = (None, 0, None)
 _flash_failed = False
@@ -127,7 +127,13 @@ def varlen_attention_forward(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     segments = None
-    if key.shape[2] == query.shape[2] and not kwargs.get("sliding_window"):  # no cache
+    # Packed training batches only: no cache, no mask (varlen_mask skipped it; a padded or
+    # generation batch has one), no sliding window.
+    if (
+        attention_mask is None
+        and key.shape[2] == query.shape[2]
+        and not kwargs.get("sliding_window")
+    ):
         segments = packed_segments(kwargs.get("position_ids"), query.shape[2])
     if segments is not None and len(segments) != query.shape[0]:  # [1, t] position ids, b rows
         segments = segments * query.shape[0] if len(segments) == 1 else None

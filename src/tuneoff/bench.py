@@ -616,7 +616,13 @@ def run_bench(
             runs[arm].append(run_arm_process(plan, arm, kind, cfg, data_path, tag))
     results = [median_run(runs[arm]) for arm, _, _ in arms]
     rounds = [ratios([runs[arm][i] for arm, _, _ in arms]) for i in range(plan.repeats)]
-    return {"arms": results, "ratios": median_ratios(rounds), "repeats": plan.repeats}
+    ok = {r["arm"] for r in results if r["status"] == "ok"}  # no ratio for a failed arm
+    paired = {
+        arm: {base: value for base, value in bases.items() if base in ok}
+        for arm, bases in median_ratios(rounds).items()
+        if arm in ok
+    }
+    return {"arms": results, "ratios": paired, "repeats": plan.repeats}
 
 
 def run_arm_process(
@@ -664,10 +670,10 @@ def median_ratios(rounds: list[dict[str, dict[str, float]]]) -> dict[str, dict[s
     """Each ratio's median over the rounds: arms of one round ran back to back, so a paired
     ratio cancels the machine's slow spells better than a ratio of medians would."""
     out: dict[str, dict[str, float]] = {}
-    for arm in rounds[0]:
-        for base in rounds[0][arm]:
-            values = sorted(r[arm][base] for r in rounds if base in r.get(arm, {}))
-            out.setdefault(arm, {})[base] = values[(len(values) - 1) // 2]
+    pairs = sorted({(arm, base) for r in rounds for arm in r for base in r[arm]})
+    for arm, base in pairs:  # over every round where both ran
+        values = sorted(r[arm][base] for r in rounds if base in r.get(arm, {}))
+        out.setdefault(arm, {})[base] = values[(len(values) - 1) // 2]
     return out
 
 

@@ -215,16 +215,22 @@ class FastDropout(torch.nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0 or x.device.type not in ("cpu", "meta"):
             return super().forward(x)
-        if x.device.type == "meta":  # the planner's trace of a CPU run: the same tensors
-            bits = torch.empty(x.shape, dtype=torch.int32, device="meta")
-        else:
-            import numpy as np
-
-            seed = int(torch.randint(0, 2**62, ()))  # reproducible under torch.manual_seed
-            words = np.random.SFC64(seed).random_raw(-(-x.numel() // 2)).view(np.uint32)
-            bits = torch.from_numpy(words[: x.numel()].view(np.int32)).view(x.shape)
-        keep = (bits & 0xFFFFFF) >= math.ceil(self.p * 2**24)
+        keep = _keep_mask(x.shape, x.device.type, self.p)
         return _MaskScale.apply(x, keep, 1.0 / (1.0 - self.p))
+
+
+@torch.compiler.disable  # numpy and a host random draw: outside any compiled graph
+def _keep_mask(shape: torch.Size, device: str, p: float) -> torch.Tensor:
+    if device == "meta":  # the planner's trace of a CPU run: the same tensors
+        bits = torch.empty(shape, dtype=torch.int32, device="meta")
+    else:
+        import numpy as np
+
+        seed = int(torch.randint(0, 2**62, ()))  # reproducible under torch.manual_seed
+        numel = math.prod(shape)
+        words = np.random.SFC64(seed).random_raw(-(-numel // 2)).view(np.uint32)
+        bits = torch.from_numpy(words[:numel].view(np.int32)).view(shape)
+    return (bits & 0xFFFFFF) >= math.ceil(p * 2**24)
 
 
 class _MaskScale(torch.autograd.Function):
@@ -260,7 +266,10 @@ def use_varlen_attention(model: torch.nn.Module) -> None:
 
     config = model.config
     plain = config.model_type in attention.VARLEN_MODEL_TYPES
-    if plain and getattr(config, "_attn_implementation", None) == "sdpa":
+    # A sliding window (Mistral-7B-v0.1, Phi-3-mini) needs sdpa's mask; Qwen2 has a window
+    # in its config but uses it only with use_sliding_window.
+    window = getattr(config, "use_sliding_window", True) and getattr(config, "sliding_window", None)
+    if plain and not window and getattr(config, "_attn_implementation", None) == "sdpa":
         model.set_attn_implementation(attention.register())
 
 
