@@ -160,14 +160,14 @@ def _sdpa_per_example(query, key, value, segments, scaling, dropout) -> torch.Te
     for b, row in enumerate(segments):
         lengths = [e - s for s, e in row]
         pieces = zip(*(x[b : b + 1].split(lengths, dim=2) for x in (query, key, value)))
-        parts = [
+        parts = [  # [1, l, heads, head_dim] views: the concatenation writes the output layout
             torch.nn.functional.scaled_dot_product_attention(
                 q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa
-            )
+            ).transpose(1, 2)
             for q, k, v in pieces
         ]
-        rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
-    return torch.cat(rows).transpose(1, 2).contiguous()
+        rows.append(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0].contiguous())
+    return torch.cat(rows) if len(rows) > 1 else rows[0]
 
 
 @functools.cache
