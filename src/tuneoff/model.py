@@ -208,8 +208,8 @@ def prepare_model(
 
 class FastDropout(torch.nn.Dropout):
     """Dropout whose CPU masks come from numpy's SFC64 generator, seeded from torch's: the same
-    distribution as torch's (keep where a 24-bit uniform >= p, as `torch.rand` draws it), about
-    three times as fast as torch's mt19937 bernoulli, which takes a sixth of a LoRA step on the
+    distribution as torch's (keep where a 24-bit uniform >= p, as `torch.rand` draws it), two to
+    three times as fast as torch's mt19937 bernoulli, which took a sixth of a LoRA step on the
     embedded model. Elsewhere (CUDA, eval) it is torch's dropout."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
