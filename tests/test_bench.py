@@ -64,6 +64,9 @@ def test_every_arm_reports_every_field(bench_report):
     for name in ("lora", "full"):
         assert set(bench_report["ratios"][name]) == {"seed", "trl"}
     assert arms["lora"]["batching"] == "packed"
+    assert arms["lora"]["attention"] == "tuneoff_varlen"  # packed examples attended one by one
+    assert arms["lora"]["attention_calls"]["sdpa_per_example"] > 0  # CPU: no flash kernel
+    assert arms["seed"]["attention"] == "sdpa" and not arms["seed"]["attention_calls"]
     assert arms["lora"]["padding_fraction"] < arms["seed"]["padding_fraction"]
     # same initial weights and the same first batch: the same loss before any update
     assert arms["lora"]["losses"][0] == pytest.approx(arms["seed"]["losses"][0], rel=1e-5)

@@ -21,6 +21,7 @@ import functools
 import inspect
 import logging
 import weakref
+from collections import Counter
 from typing import Any
 
 import torch
@@ -34,6 +35,9 @@ NAME = "tuneoff_varlen"
 VARLEN_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral", "phi3", "olmo2", "granite")
 _last: tuple[Any, int, list[list[tuple[int, int]]] | None] = (None, 0, None)
 _flash_failed = False
+# Attention calls per path in this process (flash varlen, sdpa per example, transformers' sdpa),
+# which `tuneoff bench` records so that a figure says which kernel produced it.
+calls: Counter[str] = Counter()
 _cu: tuple[Any, Any, Any, int] = (None, None, None, 0)
 
 
@@ -138,6 +142,7 @@ def varlen_attention_forward(
     if segments is not None and len(segments) != query.shape[0]:  # [1, t] position ids, b rows
         segments = segments * query.shape[0] if len(segments) == 1 else None
     if segments is None:
+        calls["sdpa"] += 1
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
@@ -148,7 +153,9 @@ def varlen_attention_forward(
         q, k, v = (x.to(dtype) for x in (query, key, value))
         out = _flash_varlen(q, k, v, segments, scaling, dropout)
         if out is not None:
+            calls["flash_varlen"] += 1
             return out, None
+    calls["sdpa_per_example"] += 1
     return _sdpa_per_example(query, key, value, segments, scaling, dropout), None
 
 

@@ -298,6 +298,7 @@ def tuneoff_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from tuneoff import attention
     from tuneoff.model import choose_runtime, count_parameters, prepare_model
     from tuneoff.optim import make_optimizer
     from tuneoff.train import choose_batching, make_loader, make_scheduler, run_window
@@ -369,6 +370,8 @@ def tuneoff_worker(spec: dict[str, Any]) -> dict[str, Any]:
         "batch_keys": keys,
         "frozen_dtypes": _dtypes(accelerator.unwrap_model(model), trainable=False),
         "trainable_dtypes": _dtypes(accelerator.unwrap_model(model), trainable=True),
+        "attention": getattr(accelerator.unwrap_model(model).config, "_attn_implementation", None),
+        "attention_calls": dict(attention.calls),  # which varlen path ran (tuneoff_varlen only)
         "losses": losses,
     }
 
