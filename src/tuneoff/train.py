@@ -155,10 +155,12 @@ def run_window(
     if accelerator.num_processes > 1:
         total = int(accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum"))
     window_loss = torch.zeros((), device=accelerator.device)
+    config = getattr(getattr(model, "module", model), "config", None)  # DDP, PEFT: the base's
+    varlen = getattr(config, "_attn_implementation", None) == attention.NAME
     for i, batch in enumerate(micro_batches):
         host = batch.get("position_ids")
         batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
-        if host is not None and host.device.type == "cpu":  # packed: segments without a sync
+        if varlen and host is not None and host.device.type == "cpu":  # segments without a sync
             attention.remember_segments(batch["position_ids"], host)
         last = i == len(micro_batches) - 1
         with accelerator.no_sync(model) if not last else nullcontext():
