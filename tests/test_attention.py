@@ -114,6 +114,30 @@ def test_one_packed_row_equals_examples_alone_in_forward_and_backward():
         assert torch.allclose(a, p.grad, rtol=1e-4, atol=1e-4)
 
 
+def test_cpu_per_example_attention_runs_in_fp32_under_bf16():
+    """bf16 (or autocast's mix: rotary leaves query and key fp32, value bf16) is computed in fp32
+    on CPU, where the flash kernel is faster in fp32, and returned in the value's dtype."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 30, 8), torch.randn(1, 2, 30, 8), torch.randn(1, 2, 30, 8)
+    segments = [[(0, 12), (12, 30)]]
+    reference = attention._sdpa_per_example(q, k, v, segments, 8**-0.5, 0.0)
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, **kwargs):
+        seen.append((query.dtype, key.dtype, value.dtype, torch.is_autocast_enabled("cpu")))
+        return real(query, key, value, **kwargs)
+
+    cases = [(q.bfloat16(), k.bfloat16(), v.bfloat16()), (q, k, v.bfloat16())]
+    for query, key, value in cases:
+        with torch.autocast("cpu", dtype=torch.bfloat16), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+            out = attention._sdpa_per_example(query, key, value, segments, 8**-0.5, 0.0)
+        assert out.dtype == torch.bfloat16 and out.shape == reference.shape
+        assert torch.allclose(out.float(), reference, atol=0.05)
+    assert set(seen) == {(torch.float32, torch.float32, torch.float32, False)}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -4,6 +4,7 @@ and the device/precision choice."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,16 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import tuneoff
+from tuneoff import model as model_module
 from tuneoff.config import Config
-from tuneoff.model import ModelError, Runtime, choose_runtime, count_parameters, prepare_model
+from tuneoff.model import (
+    ModelError,
+    Runtime,
+    choose_runtime,
+    count_parameters,
+    prepare_model,
+    weights_dtype,
+)
 
 ARCH = Path(tuneoff.__file__).parent / "archs" / "qwen2.5-1.5b-instruct.json"
 
@@ -63,6 +72,28 @@ def test_runtime_on_cpu_falls_back_to_fp32_and_says_why():
     assert "fp16" in runtime.reason
     with pytest.raises(ModelError, match="CUDA is not available"):
         choose_runtime(Config(device="cuda"))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_runtime_is_fp32_unless_bf16_is_asked(native, monkeypatch):
+    monkeypatch.setattr(model_module, "cpu_has_bf16", lambda: native)
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    monkeypatch.delenv("LRU_CACHE_CAPACITY", raising=False)
+    auto = choose_runtime(Config(device="cpu"))
+    assert (auto.precision, auto.mixed_precision) == ("fp32", "no")
+    assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in os.environ  # fp32 runs leave oneDNN alone
+    asked = choose_runtime(Config(device="cpu", precision="bf16"))
+    assert (asked.precision, asked.mixed_precision) == ("bf16", "bf16")
+    assert ("emulated" in asked.reason) != native
+    # bf16 runs bound oneDNN's per-shape caches, or packed rows would grow memory every step
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "32"
+    assert os.environ["LRU_CACHE_CAPACITY"] == "1"
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "7")  # a user's setting wins
+    choose_runtime(Config(device="cpu", precision="bf16"))
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "7"
+    bf16 = Runtime("cpu", "bf16", "test")
+    assert weights_dtype(Config(method="lora"), bf16) == torch.bfloat16  # frozen: never re-cast
+    assert weights_dtype(Config(method="full"), bf16) == torch.float32  # fp32 master weights
 
 
 @pytest.mark.gpu

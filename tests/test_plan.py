@@ -21,6 +21,7 @@ QWEN_1_5B = 1_543_714_304
 LORA_QKVO_R8 = 2_179_072
 CPU = Runtime("cpu", "fp32", "test")
 GPU_BF16 = Runtime("cuda", "bf16", "test")
+CPU_BF16 = Runtime("cpu", "bf16", "test")
 
 
 def tiny_arch():
@@ -104,6 +105,42 @@ def test_prediction_within_10_percent_of_measured_tensor_memory(method, checkpoi
         total_p = sum(predicted[k] for k in keys)
         total_m = sum(measured[k] for k in keys)
         assert total_p == pytest.approx(total_m, rel=0.10)
+
+
+@pytest.mark.parametrize(
+    "method, runtime",
+    [
+        ("lora", CPU),
+        ("full", CPU),
+        ("lora", CPU_BF16),
+        pytest.param(
+            "full",
+            CPU_BF16,
+            marks=pytest.mark.xfail(
+                strict=True, reason="known gap: CPU autocast keeps ~16% more than traced"
+            ),
+        ),
+    ],
+    ids=["lora-fp32", "full-fp32", "lora-bf16", "full-bf16"],
+)
+def test_packed_prediction_within_10_percent_on_cpu(method, runtime):
+    """Packed rows on varlen attention, in fp32 and under CPU bf16 autocast (where attention
+    runs on fp32 copies of query, key and value, as the trace must count). Measured tensors
+    include autocast's weight casts, which the prediction lists apart."""
+    arch = tiny_arch()
+    cfg = Config(method=method, batch_size=4, max_seq_len=64, eval_batch_size=8)
+    assert cfg.batching == "packed" and cfg.packed_attention == "varlen"
+    predicted = predict(cfg, arch, runtime, both_checkpointing=False).components
+    measured = measure(cfg, arch, runtime)
+    for key in ["weights", "gradients", "optimizer"]:
+        assert predicted[key] == pytest.approx(measured[key], rel=0.10, abs=1024), key
+    step = ["activations", "logits_and_loss"]
+    total_p = sum(predicted[k] for k in [*step, "autocast_copies"])
+    assert total_p == pytest.approx(sum(measured[k] for k in step), rel=0.10)
+    if runtime.precision == "fp32":
+        assert predicted["autocast_copies"] == 0
+        for key in step:
+            assert predicted[key] == pytest.approx(measured[key], rel=0.10, abs=1024), key
 
 
 def test_checkpointing_and_chunking_lower_the_prediction():

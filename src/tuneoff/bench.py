@@ -19,7 +19,8 @@ Arms:
   targets, lr, warmup, schedule, clip, batch, accumulation, max_length), the same tokenized
   examples in the same order (a sequential sampler; labels given, prompt tokens -100) and TRL's
   defaults otherwise (gradient checkpointing, bf16 autocast on GPU, the checkpoint's dtype, which
-  its `dtype="auto"` loading would give; on CPU bf16 is off, as tuneoff trains fp32 there).
+  its `dtype="auto"` loading would give). On CPU its bf16 autocast follows tuneoff's choice:
+  on where the CPU has native bf16, off (fp32) where it has not.
 
 Timing: `--warmup-steps` optimizer steps are run first and excluded; the clock then runs over
 `--steps` steps, synchronized with the device, data loading included. `optimizer_step_ms` is the
@@ -426,7 +427,8 @@ def trl_worker(spec: dict[str, Any]) -> dict[str, Any]:
     train_set = datasets.Dataset.from_dict(
         {"input_ids": [e.input_ids for e in data], "labels": [e.labels for e in data]}
     )
-    args = trl_args(trl, cfg, spec["work_dir"], warmup + steps, device)
+    bf16 = choose_runtime(cfg).precision == "bf16"
+    args = trl_args(trl, cfg, spec["work_dir"], warmup + steps, device, bf16)
     lora = lora_config(cfg)
 
     class InOrder(trl.SFTTrainer):
@@ -494,7 +496,9 @@ def trl_worker(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def trl_args(trl: Any, cfg: Config, work_dir: str, max_steps: int, device: str) -> Any:
+def trl_args(
+    trl: Any, cfg: Config, work_dir: str, max_steps: int, device: str, bf16: bool = True
+) -> Any:
     """SFTConfig with tuneoff's hyperparameters; TRL's defaults for everything else."""
     schedules = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
     return trl.SFTConfig(
@@ -517,7 +521,7 @@ def trl_args(trl: Any, cfg: Config, work_dir: str, max_steps: int, device: str) 
         report_to="none",
         disable_tqdm=True,
         use_cpu=device == "cpu",
-        **({"bf16": False} if device == "cpu" else {}),
+        **({"bf16": bf16} if device == "cpu" else {}),  # GPU: TRL's default
     )
 
 

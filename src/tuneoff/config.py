@@ -70,7 +70,7 @@ class Config:
     lr_schedule: str = "linear"
     max_grad_norm: float = 1.0
     max_steps: int | None = None
-    precision: str = "auto"
+    precision: str = "auto"  # auto: bf16 autocast on GPUs with bf16, else fp16; fp32 on CPU
     device: str = "auto"
     # LoRA (ignored by other methods).
     lora_r: int = 8
@@ -90,7 +90,7 @@ class Config:
     save_checkpoints: bool = True
     # Memory and speed. The defaults are tuneoff's fast path; none of them changes the math of
     # an update except weights_dtype (bf16/fp16 frozen or master weights) and the optimizer.
-    weights_dtype: str = "auto"  # auto: frozen weights in bf16 on GPUs with bf16, else fp32
+    weights_dtype: str = "auto"  # auto: frozen weights in the autocast dtype, full: fp32
     gradient_checkpointing: bool = False
     loss_chunk_size: int = 512  # supervised tokens per lm-head chunk; 0: full-vocab logits
     optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes) | adamw_lean (bf16 states)

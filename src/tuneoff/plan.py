@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from tuneoff import attention
 from tuneoff.config import Config
 from tuneoff.model import Runtime, prepare_model, weights_dtype
 
@@ -106,8 +107,13 @@ def _meta_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=No
     return _MetaFlashAttention.apply(q, k, v)
 
 
+def _meta_sdpa_fp32(q, k, v, *args, **kwargs):
+    """What attention.py runs for packed rows on CPU under bf16: fp32 copies in, bf16 out."""
+    return _meta_sdpa(q.float(), k.float(), v.float(), *args, **kwargs).to(v.dtype)
+
+
 @contextlib.contextmanager
-def _flash_on_meta():
+def _flash_on_meta(fp32_attention: bool = False):
     """Flash-style attention, and a causal mask that transformers need not inspect (it reads
     mask values to choose, which the meta device cannot). Real runs add a boolean mask for
     padded or packed batches: batch x seq^2 bytes, left out."""
@@ -115,7 +121,7 @@ def _flash_on_meta():
     from transformers import masking_utils
 
     patches = [
-        (F, "scaled_dot_product_attention", _meta_sdpa),
+        (F, "scaled_dot_product_attention", _meta_sdpa_fp32 if fp32_attention else _meta_sdpa),
         (masking_utils, "find_packed_sequence_indices", lambda *a, **k: None),
         (masking_utils, "_ignore_causal_mask_sdpa", lambda *a, **k: True),
     ]
@@ -135,11 +141,16 @@ def _flash_on_meta():
 
 def trace_batch(cfg: Config, device: str, eval_batch: bool = False) -> dict[str, torch.Tensor]:
     """The largest micro-batch the arm can see: every sequence at max_seq_len and every
-    position supervised (peak memory is set by the worst batch). Packed: one row."""
+    position supervised (peak memory is set by the worst batch). Packed training batches: one
+    row, with the position ids that tell varlen attention where each example starts
+    (evaluation batches are always padded)."""
     rows = cfg.eval_batch_size if eval_batch else cfg.batch_size
-    shape = (1, rows * cfg.max_seq_len) if cfg.batching == "packed" else (rows, cfg.max_seq_len)
-    ids = torch.zeros(shape, dtype=torch.long, device=device)
-    return {"input_ids": ids, "labels": ids.clone()}
+    if cfg.batching != "packed" or eval_batch:
+        ids = torch.zeros((rows, cfg.max_seq_len), dtype=torch.long, device=device)
+        return {"input_ids": ids, "labels": ids.clone()}
+    ids = torch.zeros((1, rows * cfg.max_seq_len), dtype=torch.long, device=device)
+    positions = torch.arange(cfg.max_seq_len, device=device).repeat(rows)[None]
+    return {"input_ids": ids, "labels": ids.clone(), "position_ids": positions}
 
 
 def _hidden_sum(model, batch):
@@ -147,7 +158,7 @@ def _hidden_sum(model, batch):
     from tuneoff.loss import hidden_states_out
 
     with hidden_states_out(model):
-        hidden = model(input_ids=batch["input_ids"]).logits
+        hidden = model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids")).logits
     return hidden.float().sum()
 
 
@@ -164,7 +175,7 @@ def _trace_cfg(cfg: Config, runtime: Runtime) -> tuple[Config, torch.dtype]:
     traced as LoRA (the 4-bit weights are added by formula), 8-bit AdamW as AdamW."""
     real_dtype = weights_dtype(cfg, runtime)
     act_dtype = real_dtype
-    if runtime.precision in ("fp16", "bf16") and runtime.device == "cuda":
+    if runtime.precision in ("fp16", "bf16"):  # autocast, on CUDA or (bf16) on CPU
         act_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[runtime.precision]
     dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[act_dtype]
     method = "lora" if cfg.method == "qlora" else cfg.method
@@ -196,7 +207,9 @@ def _trace_train(arch_config, cfg: Config, runtime: Runtime, with_loss: bool) ->
     model.train()  # in the autocast dtype too
     batches = [trace_batch(cfg, "meta")]  # each micro-batch frees its activations
     existing = tuple(t for b in batches for t in b.values())
-    with _flash_on_meta(), TensorMemory(model, existing) as memory:
+    varlen = getattr(model.config, "_attn_implementation", None) == attention.NAME
+    fp32_attention = varlen and runtime.device == "cpu" and act_dtype != torch.float32
+    with _flash_on_meta(fp32_attention), TensorMemory(model, existing) as memory:
         _forward_backward(model, batches, with_loss, cfg.loss_chunk_size)
     return memory.peak_bytes
 
@@ -422,14 +435,14 @@ def measure(cfg: Config, arch_config: Any, runtime: Runtime) -> dict[str, Any]:
 
     def batch(eval_batch: bool = False) -> dict[str, torch.Tensor]:
         b = trace_batch(cfg, runtime.device, eval_batch)
-        ids = torch.randint(0, vocab, b["input_ids"].shape, device=runtime.device)
-        return {"input_ids": ids, "labels": ids.clone()}
+        b["input_ids"] = torch.randint(0, vocab, b["input_ids"].shape, device=runtime.device)
+        return {**b, "labels": b["input_ids"].clone()}
 
     autocast = (
         torch.autocast(
-            "cuda", dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[runtime.precision]
+            runtime.device, dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[runtime.precision]
         )
-        if runtime.device == "cuda" and runtime.precision != "fp32"
+        if runtime.precision != "fp32"
         else contextlib.nullcontext()
     )
     out: dict[str, Any] = {"weights": _weight_bytes(model)}
