@@ -19,8 +19,8 @@ Arms:
   targets, lr, warmup, schedule, clip, batch, accumulation, max_length), the same tokenized
   examples in the same order (a sequential sampler; labels given, prompt tokens -100) and TRL's
   defaults otherwise (gradient checkpointing, bf16 autocast on GPU, the checkpoint's dtype, which
-  its `dtype="auto"` loading would give). On CPU its bf16 autocast follows tuneoff's choice:
-  on where the CPU has native bf16, off (fp32) where it has not.
+  its `dtype="auto"` loading would give). On CPU its bf16 autocast follows tuneoff's precision:
+  on with `precision=bf16`, else off (tuneoff trains fp32 there).
 
 Timing: `--warmup-steps` optimizer steps are run first and excluded; the clock then runs over
 `--steps` steps, synchronized with the device, data loading included. `optimizer_step_ms` is the

@@ -70,8 +70,8 @@ def choose_runtime(cfg: Config) -> Runtime:
         if cfg.precision == "fp16":
             reason = "fp16 autocast was asked for, but on CPU tuneoff trains in fp32 (or bf16)"
             return Runtime("cpu", "fp32", reason)
-        return Runtime("cpu", "fp32", "CPU: fp32 weights and arithmetic (precision=bf16: faster "
-                       "on large batches where the CPU has native bf16)")
+        reason = "CPU: fp32 (precision=bf16: faster on large batches where the CPU has bf16)"
+        return Runtime("cpu", "fp32", reason)
     bf16_ok = torch.cuda.is_bf16_supported()
     if cfg.precision == "auto":
         if bf16_ok:
