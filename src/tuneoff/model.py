@@ -45,9 +45,9 @@ def cpu_has_bf16() -> bool:
 
 
 def bound_onednn_caches() -> None:
-    """bf16 matmuls on CPU go through oneDNN, which builds a primitive per input shape (0.4-0.7
+    """bf16 matmuls on CPU go through oneDNN, which builds a primitive per input shape (0.4-0.8
     ms each) and caches up to 1,024 of them with their scratchpads (about 0.85 MB each at a few
-    thousand rows). Packed rows change length every micro-batch, so a bf16 run grew ~15 MB a
+    thousand rows). Packed rows change length every micro-batch, so a bf16 run grew 12-14 MB a
     step towards 1 GB; 32 primitives keep it flat and still cover one step's shapes. The build
     cost is why CPU bf16 is opt-in: measured on the tiny Qwen2 it beat fp32 by 1.2-1.4x on
     alpaca-like rows of ~2,600 tokens and lost 15% on the embedded rows of ~500. Read at the
