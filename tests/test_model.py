@@ -104,7 +104,7 @@ def test_runtime_on_cuda_honours_fp16():
 
 
 def test_fast_dropout_masks_like_torch_and_is_seeded():
-    from tuneoff.model import FastDropout
+    from tuneoff.lean import FastDropout
 
     drop = FastDropout(0.1)
     x = torch.ones(500, 400, requires_grad=True)
@@ -123,11 +123,12 @@ def test_fast_dropout_masks_like_torch_and_is_seeded():
 
 
 def test_prepare_model_installs_fast_dropout_on_cpu_only_when_asked(tiny_model_dir):
-    from tuneoff.model import FastDropout, load_model, prepare_model
+    from tuneoff.lean import FastDropout
+    from tuneoff.model import load_model, prepare_model
 
     def dropouts(fast: bool, device: str = "cpu") -> set[type]:
         runtime = Runtime(device, "fp32", "test")
-        cfg = Config(method="lora", fast_dropout=fast)
+        cfg = Config(method="lora", fast_dropout=fast, lean_activations=False)
         model = prepare_model(load_model(str(tiny_model_dir)), cfg, runtime)
         return {type(m) for m in model.modules() if isinstance(m, torch.nn.Dropout)}
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 
 from tuneoff.config import Config, ConfigError
+from tuneoff.lean import use_fast_dropout, use_lean_activations
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +212,8 @@ def prepare_model(
         return model
     if cfg.method == "full":
         model.requires_grad_(True)
+        if cfg.lean_activations:
+            use_lean_activations(model)
         return model
     model.requires_grad_(False)
     if cfg.method == "qlora":
@@ -226,61 +228,12 @@ def prepare_model(
             f"config key 'lora_target_modules': {cfg.lora_target_modules} do not match the "
             f"model's modules ({str(err).splitlines()[0][:120]})"
         ) from None
-    if cfg.fast_dropout and runtime.device == "cpu":
+    fast_masks = cfg.fast_dropout and runtime.device == "cpu"
+    if cfg.lean_activations:
+        use_lean_activations(model, fast_masks)
+    elif fast_masks:
         use_fast_dropout(model)
     return model
-
-
-class FastDropout(torch.nn.Dropout):
-    """Dropout whose CPU masks come from numpy's SFC64 generator, seeded from torch's: the same
-    distribution as torch's (keep where a 24-bit uniform >= p, as `torch.rand` draws it), two to
-    three times as fast as torch's mt19937 bernoulli, which took a sixth of a LoRA step on the
-    embedded model. Elsewhere (CUDA, eval) it is torch's dropout."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0 or x.device.type not in ("cpu", "meta"):
-            return super().forward(x)
-        keep = _keep_mask(x.shape, x.device.type, self.p)
-        return _MaskScale.apply(x, keep, 1.0 / (1.0 - self.p))
-
-
-@torch.compiler.disable  # numpy and a host random draw: outside any compiled graph
-def _keep_mask(shape: torch.Size, device: str, p: float) -> torch.Tensor:
-    if device == "meta":  # the planner's trace of a CPU run: the same tensors
-        bits = torch.empty(shape, dtype=torch.int32, device="meta")
-    else:
-        import numpy as np
-
-        seed = int(torch.randint(0, 2**62, ()))  # reproducible under torch.manual_seed
-        numel = math.prod(shape)
-        words = np.random.SFC64(seed).random_raw(-(-numel // 2)).view(np.uint32)
-        bits = torch.from_numpy(words[:numel].view(np.int32)).view(shape)
-    return (bits & 0xFFFFFF) >= math.ceil(p * 2**24)
-
-
-class _MaskScale(torch.autograd.Function):
-    """x * keep * scale, keeping only the boolean mask for backward."""
-
-    @staticmethod
-    def forward(ctx, x, keep, scale):
-        ctx.save_for_backward(keep)
-        ctx.scale = scale
-        return torch.mul(x, keep).mul_(scale)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (keep,) = ctx.saved_tensors
-        return torch.mul(grad, keep).mul_(ctx.scale), None, None
-
-
-def use_fast_dropout(model: torch.nn.Module) -> None:
-    """Swap PEFT's LoRA dropout modules for `FastDropout` of the same p."""
-    for module in model.modules():
-        drops = getattr(module, "lora_dropout", None)
-        if isinstance(drops, torch.nn.ModuleDict):
-            for name, drop in drops.items():
-                if type(drop) is torch.nn.Dropout:
-                    drops[name] = FastDropout(drop.p)
 
 
 def use_varlen_attention(model: torch.nn.Module) -> None:

@@ -1,0 +1,267 @@
+"""Lean activations: cheap elementwise results are recomputed in backward instead of saved.
+
+Autograd keeps every intermediate that a backward formula reads. For the three cheapest
+producers of such intermediates in a Llama-style decoder layer, `use_lean_activations` swaps in
+an autograd function that saves only what cannot be recomputed in one elementwise pass:
+- SwiGLU (`down(silu(gate) * up)`): saves gate and up, not silu(gate) (one intermediate-size
+  tensor per layer and token, the largest saved activation of these models). Forward and
+  gradients are bitwise those of the stock module: backward recomputes silu(gate) with the
+  same kernel and calls the same `silu_backward`.
+- RMSNorm: saves its input in its own dtype and one fp32 scalar per token, not the fp32 copy
+  of the input (under autocast) nor the normalized tensor (when the norm weight trains).
+  Same forward; gradients equal to floating-point rounding.
+- LoRA dropout: PEFT computes `lora_B(lora_A(dropout(x)))`, so each adapter's lora_A saves its
+  own dropped copy of x (q, k and v each keep one of the same input). Here lora_A draws the
+  mask itself, saves x (one tensor shared by q, k and v) and the boolean mask, and recomputes
+  the dropped input in backward. Same distribution; on CPU the masks are the same draws as
+  `FastDropout`'s (numpy, seeded from torch), so losses equal those without lean activations.
+
+Only modules whose forward is known to be the pattern above are swapped (class names below);
+every other module and model keeps its own forward. Outside training (no grad) the stock
+computation runs. `lean_activations=false` switches all of this off for an ablation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+# Modules whose forward is exactly `down_proj(act_fn(gate_proj(x)) * up_proj(x))` and
+# `weight * normalize(x.float()).to(x.dtype)`: checked against the stock forwards in tests.
+SWIGLU_MLPS = ("Qwen2MLP", "Qwen3MLP", "LlamaMLP", "MistralMLP", "GraniteMLP", "Olmo2MLP")
+RMS_NORMS = ("Qwen2RMSNorm", "Qwen3RMSNorm", "LlamaRMSNorm", "MistralRMSNorm", "GraniteRMSNorm")
+
+
+def use_lean_activations(model: torch.nn.Module, fast_masks: bool = False) -> dict[str, int]:
+    """Swap in the lean forwards where a module matches; returns how many of each kind."""
+    counts = {"swiglu": 0, "rms_norm": 0, "lora_dropout": 0}
+    for module in model.modules():
+        name = type(module).__name__
+        if name in SWIGLU_MLPS and _is_silu(getattr(module, "act_fn", None)):
+            module.forward = types.MethodType(_swiglu_mlp_forward, module)
+            counts["swiglu"] += 1
+        elif name in RMS_NORMS and hasattr(module, "variance_epsilon"):
+            module.forward = types.MethodType(_rms_norm_forward, module)
+            counts["rms_norm"] += 1
+        counts["lora_dropout"] += _lean_lora_dropout(module, fast_masks)
+    return counts
+
+
+def _is_silu(act: Any) -> bool:
+    return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
+# --------------------------------------------------------------------------- SwiGLU
+
+
+def _swiglu_mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    if not torch.is_grad_enabled():
+        return self.down_proj(self.act_fn(gate) * up)
+    return self.down_proj(_SwiGLU.apply(gate, up))
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up, saving gate and up only."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        grad_gate = grad_up = None
+        if ctx.needs_input_grad[1]:
+            grad_up = grad * F.silu(gate)
+        if ctx.needs_input_grad[0]:
+            grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
+        return grad_gate, grad_up
+
+
+# --------------------------------------------------------------------------- RMSNorm
+
+
+def _rms_norm_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if not torch.is_grad_enabled():
+        xf = x.to(torch.float32)
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * normed.to(x.dtype)
+    return _RMSNorm.apply(x, self.weight, self.variance_epsilon)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """weight * (x / rms(x)) computed in fp32 and cast back to x's dtype before the weight, as
+    transformers' Llama-family norms do; saves x and the fp32 reciprocal rms per token."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = x.to(torch.float32)
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (xf * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        normed = x.to(torch.float32) * rstd
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[1]:
+            per_token = grad * normed.to(x.dtype)
+            grad_weight = per_token.reshape(-1, per_token.shape[-1]).sum(0).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            g = (grad * weight).to(torch.float32)
+            dot = (g * normed).mean(-1, keepdim=True)
+            grad_x = ((g - normed * dot) * rstd).to(x.dtype)
+        return grad_x, grad_weight, None
+
+
+# --------------------------------------------------------------------------- LoRA dropout
+
+
+def _lean_lora_dropout(module: torch.nn.Module, fast_masks: bool) -> int:
+    """Fold each plain-LoRA adapter's dropout into its lora_A (a `DropoutLinear`, same weight
+    and state-dict key) and drop PEFT's input cast, which would copy x for every adapter."""
+    drops, lora_a = getattr(module, "lora_dropout", None), getattr(module, "lora_A", None)
+    if not isinstance(drops, torch.nn.ModuleDict) or not isinstance(lora_a, torch.nn.ModuleDict):
+        return 0
+    variants = getattr(module, "lora_variant", {}) or {}
+    swapped = 0
+    for name, drop in list(drops.items()):
+        if name not in lora_a:
+            continue
+        linear = lora_a[name]
+        if (
+            not isinstance(drop, torch.nn.Dropout)
+            or drop.p <= 0
+            or type(linear) is not torch.nn.Linear
+            or name in variants  # DoRA and other variants read the dropped input themselves
+        ):
+            continue
+        linear.__class__ = DropoutLinear
+        linear.p, linear.fast_masks = drop.p, fast_masks
+        drops[name] = torch.nn.Identity()
+        swapped += 1
+    if swapped:
+        module.cast_input_dtype_enabled = False  # DropoutLinear casts as PEFT would
+    return swapped
+
+
+class DropoutLinear(torch.nn.Linear):
+    """`linear(dropout(x))` that saves x and a boolean mask rather than the dropped copy of x.
+    Under autocast it computes in the autocast dtype; otherwise in its weight's dtype, after
+    casting x to it (PEFT's `_cast_input_dtype`)."""
+
+    p: float = 0.0
+    fast_masks: bool = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        dtype = self.weight.dtype
+        if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+        if not self.training or not torch.is_grad_enabled():
+            return F.linear(x.to(dtype), self.weight.to(dtype), _cast(self.bias, dtype))
+        keep = _mask_for(x, self.p, self.fast_masks)
+        off = torch.autocast(device, enabled=False) if device in ("cpu", "cuda") else None
+        with off or contextlib.nullcontext():  # computes in `dtype` with explicit casts
+            return _DropoutLinear.apply(x, self.weight, self.bias, keep, self.p, dtype)
+
+
+def _mask_for(x: torch.Tensor, p: float, fast: bool) -> torch.Tensor:
+    if fast and x.device.type in ("cpu", "meta"):
+        return _keep_mask(x.shape, x.device.type, p)
+    return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+class _DropoutLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, keep, p: float, dtype: torch.dtype):
+        scale = 1.0 / (1.0 - p)
+        dropped = torch.mul(x.to(dtype), keep).mul_(scale)
+        ctx.save_for_backward(x, weight, keep)
+        ctx.scale, ctx.dtype = scale, dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return F.linear(dropped, weight.to(dtype), _cast(bias, dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, keep = ctx.saved_tensors
+        grad = grad.to(ctx.dtype)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[1]:
+            dropped = torch.mul(x.to(ctx.dtype), keep).mul_(ctx.scale)
+            flat = grad.reshape(-1, grad.shape[-1])
+            grad_w = flat.t().mm(dropped.reshape(-1, dropped.shape[-1])).to(weight.dtype)
+        bias_dtype = ctx.bias_dtype
+        if bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_b = grad.reshape(-1, grad.shape[-1]).sum(0).to(bias_dtype)
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mul(grad.matmul(weight.to(ctx.dtype)), keep).mul_(ctx.scale)
+            grad_x = grad_x.to(x.dtype)
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+# --------------------------------------------------------------------------- fast masks
+
+
+class FastDropout(torch.nn.Dropout):
+    """Dropout whose CPU masks come from numpy's SFC64 generator, seeded from torch's: the same
+    distribution as torch's (keep where a 24-bit uniform >= p, as `torch.rand` draws it), two to
+    three times as fast as torch's mt19937 bernoulli, which took a sixth of a LoRA step on the
+    embedded model. Elsewhere (CUDA, eval) it is torch's dropout."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type not in ("cpu", "meta"):
+            return super().forward(x)
+        keep = _keep_mask(x.shape, x.device.type, self.p)
+        return _MaskScale.apply(x, keep, 1.0 / (1.0 - self.p))
+
+
+@torch.compiler.disable  # numpy and a host random draw: outside any compiled graph
+def _keep_mask(shape: torch.Size, device: str, p: float) -> torch.Tensor:
+    if device == "meta":  # the planner's trace of a CPU run: the same tensors
+        bits = torch.empty(shape, dtype=torch.int32, device="meta")
+    else:
+        import numpy as np
+
+        seed = int(torch.randint(0, 2**62, ()))  # reproducible under torch.manual_seed
+        numel = math.prod(shape)
+        words = np.random.SFC64(seed).random_raw(-(-numel // 2)).view(np.uint32)
+        bits = torch.from_numpy(words[:numel].view(np.int32)).view(shape)
+    return (bits & 0xFFFFFF) >= math.ceil(p * 2**24)
+
+
+class _MaskScale(torch.autograd.Function):
+    """x * keep * scale, keeping only the boolean mask for backward."""
+
+    @staticmethod
+    def forward(ctx, x, keep, scale):
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return torch.mul(x, keep).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return torch.mul(grad, keep).mul_(ctx.scale), None, None
+
+
+def use_fast_dropout(model: torch.nn.Module) -> None:
+    """Swap PEFT's LoRA dropout modules for `FastDropout` of the same p."""
+    for module in model.modules():
+        drops = getattr(module, "lora_dropout", None)
+        if isinstance(drops, torch.nn.ModuleDict):
+            for name, drop in drops.items():
+                if type(drop) is torch.nn.Dropout:
+                    drops[name] = FastDropout(drop.p)

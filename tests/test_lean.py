@@ -1,0 +1,179 @@
+"""Lean activations (`lean.py`): stock forward and gradients, fewer bytes saved for backward."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_qwen2_config
+
+from tuneoff.config import Config
+from tuneoff.lean import (
+    DropoutLinear,
+    _DropoutLinear,
+    _RMSNorm,
+    _SwiGLU,
+    use_lean_activations,
+)
+from tuneoff.model import Runtime, prepare_model
+
+ARCHS = ["qwen2", "qwen3", "llama", "mistral", "granite", "olmo2"]
+
+
+def tiny_model(model_type: str, seed: int = 0) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = tiny_qwen2_config(hidden=32, layers=2, vocab=128).to_dict()
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
+    keys += ("num_attention_heads", "num_key_value_heads", "max_position_embeddings")
+    config = AutoConfig.for_model(model_type, **{k: base[k] for k in keys})
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+
+
+def saved_bytes(fn) -> int:
+    """Bytes autograd keeps for backward while `fn` runs (each storage once)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+def loss_of(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids).logits.float().pow(2).mean()
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_lean_model_matches_stock_forward_and_gradients(model_type):
+    stock = tiny_model(model_type).train()
+    lean = copy.deepcopy(stock)
+    counts = use_lean_activations(lean)
+    layers = stock.config.num_hidden_layers
+    assert counts["swiglu"] == layers  # the class list still names this architecture's MLP
+    # and its norms (Qwen3: q/k norms too); OLMo 2's multiplies by the weight before the
+    # cast back: left stock
+    norms = {"olmo2": 0, "qwen3": 4 * layers + 1}.get(model_type, 2 * layers + 1)
+    assert counts["rms_norm"] == norms
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    stock_bytes, stock_loss = saved_bytes(lambda: loss_of(stock, ids))
+    lean_bytes, lean_loss = saved_bytes(lambda: loss_of(lean, ids))
+    assert torch.equal(stock_loss, lean_loss)  # same forward, bit for bit
+    stock_loss.backward()
+    lean_loss.backward()
+    for (name, a), b in zip(stock.named_parameters(), lean.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
+    # at least one intermediate-size fp32 tensor per layer and token fewer (silu(gate))
+    tokens, inter = ids.numel(), stock.config.intermediate_size
+    assert lean_bytes <= stock_bytes - layers * tokens * inter * 4
+    if norms:  # and the normalized tensor of every norm whose weight trains
+        assert lean_bytes <= stock_bytes - layers * tokens * (inter + 2 * 32) * 4
+    with torch.no_grad():  # outside training: the stock computation
+        torch.testing.assert_close(lean(input_ids=ids).logits, stock(input_ids=ids).logits)
+
+
+def _lora(model: torch.nn.Module, lean: bool, runtime: Runtime) -> torch.nn.Module:
+    cfg = Config(method="lora", lora_dropout=0.1, lean_activations=lean)
+    return prepare_model(model, cfg, runtime).train()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_lean_lora_equals_fast_dropout_on_cpu(precision):
+    """On CPU the lean lora_A draws FastDropout's masks: same losses and adapter gradients."""
+    runtime = Runtime("cpu", precision, "test")
+    stock = _lora(tiny_model("qwen2"), False, runtime)
+    lean = _lora(tiny_model("qwen2"), True, runtime)
+    assert {type(m) for m in lean.modules() if isinstance(m, torch.nn.Linear)} >= {DropoutLinear}
+    assert sum(isinstance(m, DropoutLinear) for m in lean.modules()) == 4 * 2  # q,k,v,o x 2
+    assert stock.state_dict().keys() == lean.state_dict().keys()  # adapters save as before
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for model in (stock, lean):
+        torch.manual_seed(5)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            losses.append(loss_of(model, ids))
+        losses[-1].backward()
+    tol = dict(rtol=2e-2, atol=1e-4) if precision == "bf16" else dict(rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(losses[1], losses[0], **tol)
+    grads = [{n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in (stock, lean)]
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], **tol, msg=name)
+
+
+def test_lean_lora_saves_one_input_for_q_k_v():
+    runtime = Runtime("cpu", "fp32", "test")
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    sizes = []
+    for lean in (False, True):
+        model = _lora(tiny_model("qwen2"), lean, runtime)
+        sizes.append(saved_bytes(lambda m=model: loss_of(m, ids))[0])
+    # per layer and token: silu(gate) (64 floats) and two of the three dropped copies of the
+    # q/k/v input (2 x 32 floats)
+    assert sizes[0] - sizes[1] >= 2 * ids.numel() * (64 + 2 * 32) * 4
+
+
+def test_dropout_linear_torch_masks_and_eval():
+    """Away from numpy masks (CUDA, fast_dropout=false): torch's bernoulli, 1 - p kept."""
+    layer = torch.nn.Linear(400, 3, bias=False)
+    layer.__class__ = DropoutLinear
+    layer.p, layer.fast_masks = 0.2, False
+    x = torch.ones(500, 400, requires_grad=True)
+    torch.manual_seed(0)
+    layer(x).sum().backward()
+    kept = x.grad / (layer.weight.detach().sum(0) / 0.8)  # d/dx = keep * scale * sum_j W_j
+    assert abs(float(kept.mean()) - 0.8) < 0.004
+    assert torch.allclose(kept, kept.round(), atol=1e-4)  # each input kept or dropped
+    layer.eval()
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight))
+
+
+def test_autograd_functions_gradcheck():
+    gen = torch.Generator().manual_seed(0)
+    kw = dict(dtype=torch.float64, requires_grad=True)
+    gate, up = torch.randn(3, 5, **kw, generator=gen), torch.randn(3, 5, **kw, generator=gen)
+    assert torch.autograd.gradcheck(_SwiGLU.apply, (gate, up))
+    x = torch.randn(2, 3, 6, **kw, generator=gen)
+    weight, bias = torch.randn(4, 6, **kw, generator=gen), torch.randn(4, **kw, generator=gen)
+    keep = torch.rand(2, 3, 6, generator=gen) > 0.3
+
+    def dropout_linear(a, b, c):
+        return _DropoutLinear.apply(a, b, c, keep, 0.3, torch.float64)
+
+    assert torch.autograd.gradcheck(dropout_linear, (x, weight, bias))
+    expected = torch.nn.functional.linear(x * keep / 0.7, weight, bias)
+    torch.testing.assert_close(dropout_linear(x, weight, bias), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weight_trains", [True, False])
+def test_rms_norm_gradients_match_stock_formula(dtype, weight_trains):
+    """The norm computes in fp32 whatever its input: compared with autograd through the stock
+    formula (transformers' Qwen2RMSNorm) rather than gradcheck, which needs fp64 throughout."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    gen = torch.Generator().manual_seed(0)
+    norm = Qwen2RMSNorm(48).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(48, generator=gen))
+    norm.weight.requires_grad_(weight_trains)
+    x = torch.randn(2, 5, 48, generator=gen).mul(3).to(dtype).requires_grad_()
+    grad_out = torch.randn(2, 5, 48, generator=gen).to(dtype)
+    results = []
+    for fn in (norm, lambda t: _RMSNorm.apply(t, norm.weight, norm.variance_epsilon)):
+        x.grad = norm.weight.grad = None
+        out = fn(x)
+        out.backward(grad_out)
+        results.append((out, x.grad, norm.weight.grad))
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    assert torch.equal(results[0][0], results[1][0])
+    torch.testing.assert_close(results[1][1], results[0][1], **tol)
+    if weight_trains:
+        torch.testing.assert_close(results[1][2], results[0][2], **tol)
+    else:
+        assert results[1][2] is None
