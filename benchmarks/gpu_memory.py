@@ -29,6 +29,7 @@ RECIPE = {  # the reference: fp32 weights, fp16 autocast + GradScaler, padded, f
     "loss_chunk_size": 0,
     "weights_dtype": "fp32",
     "fused_optimizer": False,
+    "lean_activations": False,
     "precision": "fp16",
 }
 CASES = {

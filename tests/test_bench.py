@@ -128,7 +128,7 @@ def test_seed_config_is_the_reference_recipe():
     seed = seed_config(Config(batch_size=16, grad_accum=1), "cpu", None)
     assert (seed.batch_size, seed.grad_accum) == (4, 4)
     assert (seed.batching, seed.loss_chunk_size, seed.weights_dtype) == ("padded", 0, "fp32")
-    assert not seed.fast_dropout and not seed.fused_optimizer
+    assert not seed.fast_dropout and not seed.fused_optimizer and not seed.lean_activations
 
 
 def test_repeats_interleave_arm_processes(tiny_config, tmp_path, capfd):

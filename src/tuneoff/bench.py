@@ -591,6 +591,7 @@ def seed_config(cfg: Config, device: str, batch_size: int | None) -> Config:
         gradient_checkpointing=False,
         compile=False,
         fast_dropout=False,
+        lean_activations=False,
         precision="fp16" if device == "cuda" else "fp32",
     )
 
