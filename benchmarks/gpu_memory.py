@@ -58,6 +58,11 @@ CASES = {
         None,
         "needs bitsandbytes",
     ),
+    "lora_without_lean_activations": (
+        {"method": "lora", "lean_activations": False},
+        None,
+        "the same as lora, with autograd's stock saved tensors: what lean activations save",
+    ),
 }
 GIB = 2**30
 

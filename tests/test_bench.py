@@ -59,6 +59,8 @@ def test_every_arm_reports_every_field(bench_report):
         assert arm["optimizer_step_ms"] > 0
         assert arm["mfu"] is None  # no peak FLOP/s on CPU
         assert arm["memory"]["peak_rss_gib"] > 0
+        if name != "trl":  # the tensors' own peak over one window, where RSS holds the heap too
+            assert 0 < arm["memory"]["peak_step_tensors_gib"] < arm["memory"]["peak_rss_gib"]
         assert arm["supervised_tokens"] == arms["seed"]["supervised_tokens"]  # same examples
         assert arm["tokens"] == arms["seed"]["tokens"]
     for name in ("lora", "full"):
@@ -68,6 +70,9 @@ def test_every_arm_reports_every_field(bench_report):
     assert arms["lora"]["attention_calls"]["sdpa_per_example"] > 0  # CPU: no flash kernel
     assert arms["seed"]["attention"] == "sdpa" and not arms["seed"]["attention_calls"]
     assert arms["lora"]["padding_fraction"] < arms["seed"]["padding_fraction"]
+    # the same window: full fine-tuning keeps every linear's input and every weight's gradient
+    tensors = {k: arms[k]["memory"]["peak_step_tensors_gib"] for k in ("lora", "full")}
+    assert tensors["full"] > tensors["lora"]
     # same initial weights and the same first batch: the same loss before any update
     assert arms["lora"]["losses"][0] == pytest.approx(arms["seed"]["losses"][0], rel=1e-5)
     assert arms["full"]["losses"][0] == pytest.approx(arms["seed"]["losses"][0], rel=1e-5)

@@ -330,6 +330,11 @@ def tuneoff_worker(spec: dict[str, Any]) -> dict[str, Any]:
     measure.reset_peak_memory(device)
     model.train()
     losses, slots, shapes, keys = [], 0, [], []
+    largest_step = max(  # the measured window with the most tokens: the same in every arm
+        range(warmup, len(windows)),
+        key=lambda k: sum(len(examples[i].input_ids) for idx, _ in windows[k] for i in idx),
+    )
+    largest: list[dict] = []
     started = 0.0
     for step, window in enumerate(windows):
         if step == warmup:
@@ -350,9 +355,14 @@ def tuneoff_worker(spec: dict[str, Any]) -> dict[str, Any]:
             slots += sum(b["input_ids"].numel() for b in micro)
             shapes += [list(b["input_ids"].shape) for b in micro]
             keys = sorted(micro[0])
+            if step == largest_step:
+                largest = micro
         losses.append(loss)
     _sync(device)
     elapsed = time.perf_counter() - started
+    memory = measure.measure_memory(device)
+    if device == "cpu":  # RSS mostly shows glibc's heap: also the tensors' own peak, untimed
+        memory["peak_step_tensors_gib"] = _window_tensor_peak(model, accelerator, largest, cfg)
     used = [examples[i] for w in windows[warmup:] for idx, _ in w for i in idx]
     flops = model_flops(
         used, shape, cfg.method == "full", params["trainable"] if cfg.method != "full" else 0
@@ -360,7 +370,7 @@ def tuneoff_worker(spec: dict[str, Any]) -> dict[str, Any]:
     return {
         **_throughput(used, slots, elapsed, flops, device),
         "optimizer_step_ms": clock.mean_ms(),
-        "memory": measure.measure_memory(device),
+        "memory": memory,
         "params": params,
         "precision": runtime.precision,
         "batching": cfg.batching,
@@ -375,6 +385,19 @@ def tuneoff_worker(spec: dict[str, Any]) -> dict[str, Any]:
         "attention_calls": dict(attention.calls),  # which varlen path ran (tuneoff_varlen only)
         "losses": losses,
     }
+
+
+def _window_tensor_peak(model, accelerator, micro: list[dict], cfg: Config) -> float:
+    """GiB of the peak of tensors alive at once during one more forward and backward of the
+    window (activations, logits, temporaries and gradients; weights and optimizer states
+    apart): exact (`measure.TensorMemory`), where a CPU process's RSS also holds the C
+    allocator's free but unreturned memory."""
+    from tuneoff.train import run_window
+
+    with measure.TensorMemory(model, tuple(t for b in micro for t in b.values())) as tracked:
+        run_window(model, accelerator, micro, cfg.loss_chunk_size)
+    model.zero_grad(set_to_none=True)
+    return (tracked.peak_bytes + tracked.grad_bytes) / measure.GIB
 
 
 def _throughput(used: list[Example], slots: int, elapsed: float, flops: float, device: str) -> dict:
@@ -730,6 +753,8 @@ def format_table(report: dict) -> str:
             if "peak_reserved_gib" in mem
             else f"{mem.get('peak_rss_gib', float('nan')):.2f} rss"
         )
+        if "peak_step_tensors_gib" in mem:
+            peak += f" / {mem['peak_step_tensors_gib'] * 1024:.0f} MiB tensors"
         ratio = report["ratios"].get(r["arm"], {})
         rows.append(
             (
