@@ -113,13 +113,7 @@ def test_prediction_within_10_percent_of_measured_tensor_memory(method, checkpoi
         ("lora", CPU),
         ("full", CPU),
         ("lora", CPU_BF16),
-        pytest.param(
-            "full",
-            CPU_BF16,
-            marks=pytest.mark.xfail(
-                strict=True, reason="known gap: CPU autocast keeps ~16% more than traced"
-            ),
-        ),
+        ("full", CPU_BF16),  # fp32 weights under autocast: fp32 residual, a cast per linear
     ],
     ids=["lora-fp32", "full-fp32", "lora-bf16", "full-bf16"],
 )

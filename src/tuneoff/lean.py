@@ -31,6 +31,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tuneoff.loss import compute_dtype
+
 # Modules whose forward is exactly `down_proj(act_fn(gate_proj(x)) * up_proj(x))` and
 # `weight * normalize(x.float()).to(x.dtype)`: checked against the stock forwards in tests.
 SWIGLU_MLPS = ("Qwen2MLP", "Qwen3MLP", "LlamaMLP", "MistralMLP", "GraniteMLP", "Olmo2MLP")
@@ -163,9 +165,7 @@ class DropoutLinear(torch.nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device = x.device.type
-        dtype = self.weight.dtype
-        if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
-            dtype = torch.get_autocast_dtype(device)
+        dtype = compute_dtype(x.device, self.weight.dtype)
         if not self.training or not torch.is_grad_enabled():
             return F.linear(x.to(dtype), self.weight.to(dtype), _cast(self.bias, dtype))
         keep = _mask_for(x, self.p, self.fast_masks)
@@ -189,25 +189,26 @@ class _DropoutLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, keep, p: float, dtype: torch.dtype):
         scale = 1.0 / (1.0 - p)
         dropped = torch.mul(x.to(dtype), keep).mul_(scale)
-        ctx.save_for_backward(x, weight, keep)
-        ctx.scale, ctx.dtype = scale, dtype
+        cast = weight.to(dtype)  # r x in: kept for backward rather than cast again
+        ctx.save_for_backward(x, cast, keep)
+        ctx.scale, ctx.weight_dtype = scale, weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return F.linear(dropped, weight.to(dtype), _cast(bias, dtype))
+        return F.linear(dropped, cast, _cast(bias, dtype))
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, keep = ctx.saved_tensors
-        grad = grad.to(ctx.dtype)
+        x, weight, keep = ctx.saved_tensors  # weight: in the compute dtype
+        grad = grad.to(weight.dtype)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[1]:
-            dropped = torch.mul(x.to(ctx.dtype), keep).mul_(ctx.scale)
+            dropped = torch.mul(x.to(weight.dtype), keep).mul_(ctx.scale)
             flat = grad.reshape(-1, grad.shape[-1])
-            grad_w = flat.t().mm(dropped.reshape(-1, dropped.shape[-1])).to(weight.dtype)
+            grad_w = flat.t().mm(dropped.reshape(-1, dropped.shape[-1])).to(ctx.weight_dtype)
         bias_dtype = ctx.bias_dtype
         if bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_b = grad.reshape(-1, grad.shape[-1]).sum(0).to(bias_dtype)
         if ctx.needs_input_grad[0]:
-            grad_x = torch.mul(grad.matmul(weight.to(ctx.dtype)), keep).mul_(ctx.scale)
+            grad_x = torch.mul(grad.matmul(weight), keep).mul_(ctx.scale)
             grad_x = grad_x.to(x.dtype)
         return grad_x, grad_w, grad_b, None, None, None
 

@@ -55,9 +55,17 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+# The autocast dtype while the planner traces an autocast run on the meta device (which has no
+# autocast of its own): set by `plan._AutocastOnMeta`.
+META_AUTOCAST: torch.dtype | None = None
+
+
+def compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype matrix products run in: autocast's where it is on, else `dtype`."""
     if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
+    if device.type == "meta" and META_AUTOCAST is not None:
+        return META_AUTOCAST
     return dtype
 
 
@@ -119,7 +127,7 @@ def forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_s
     with hidden_states_out(model) as head:
         hidden = model(**_model_inputs(batch)).logits
     rows, targets = _supervised_rows(hidden, batch["labels"])
-    dtype = _compute_dtype(rows.device, rows.dtype)
+    dtype = compute_dtype(rows.device, rows.dtype)
     return _ChunkedLinearCE.apply(rows, head.weight, targets, chunk_size, dtype)
 
 
@@ -143,7 +151,7 @@ def stats_tensors(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_
     with hidden_states_out(model) as head:
         hidden = model(**_model_inputs(batch)).logits
     rows, targets = _supervised_rows(hidden, batch["labels"])
-    dtype = _compute_dtype(rows.device, rows.dtype)
+    dtype = compute_dtype(rows.device, rows.dtype)
     w = head.weight.to(dtype)
     total = torch.zeros((), dtype=torch.float32, device=rows.device)
     correct = torch.zeros((), dtype=torch.long, device=rows.device)

@@ -6,6 +6,7 @@ reserved since the last reset; CPU: the peak resident set size of this process).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import platform
 import resource
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +141,7 @@ class TensorMemory:
         self._live: dict[int, tuple[Any, int, bool]] = {}
         self._mode = None
         self._hooks: list = []
+        self._paused = False
 
     def __enter__(self) -> TensorMemory:
         from torch.utils._python_dispatch import TorchDispatchMode
@@ -163,8 +166,22 @@ class TensorMemory:
         for hook in self._hooks:
             hook.remove()
 
+    @contextlib.contextmanager
+    def untracked(self) -> Iterator[None]:
+        """Tensors made inside are not counted, nor later views of them (the planner's casts
+        of weights under autocast, which it lists apart)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+
     def _add(self, t: torch.Tensor) -> None:
         storage = t.untyped_storage()
+        if self._paused:
+            self._known.append(storage)
+            self._known_ids.add(id(storage))
+            return
         key = id(storage)
         if key in self._live or key in self._known_ids:
             return

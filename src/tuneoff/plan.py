@@ -5,10 +5,13 @@ optimizer) on the meta device, where tensors have shapes and dtypes but no stora
 torch's `MemTracker`, which counts every tensor's bytes by category (parameters, gradients,
 optimizer states, activations, temporaries) at the peak. So activations, logits and the loss
 are counted from the actual computation of the actual architecture, with or without gradient
-checkpointing, not from a rule of thumb. What the meta device cannot run is added by formula:
-4-bit weights (QLoRA), 8-bit optimizer states, fp16/bf16 autocast's weight copies, and
-attention, which on the meta device is traced as a flash kernel (saves q, k, v, output and
-log-sum-exp, as CUDA's flash and memory-efficient kernels and CPU's flash kernel do).
+checkpointing, not from a rule of thumb. The meta device has no autocast: the trace makes
+autocast's casts itself (`_AutocastOnMeta`: matrix products in the autocast dtype, the rest in
+the weights' dtype), so fp32 weights keep an fp32 residual stream and a half-precision copy of
+each linear layer's input, as in the real run. What the meta device cannot run is added by
+formula: 4-bit weights (QLoRA), 8-bit optimizer states, autocast's copies of the weights (listed
+apart), and attention, which on the meta device is traced as a flash kernel (saves q, k, v,
+output and log-sum-exp, as CUDA's flash and memory-efficient kernels and CPU's flash kernel do).
 
 Peak allocated is the largest of three phases:
   forward/backward = weights + optimizer states + gradients (held across an accumulation
@@ -27,7 +30,7 @@ from typing import Any
 
 import torch
 
-from tuneoff import attention
+from tuneoff import attention, loss
 from tuneoff.config import Config
 from tuneoff.model import Runtime, prepare_model, weights_dtype
 
@@ -104,12 +107,100 @@ class _MetaFlashAttention(torch.autograd.Function):
 
 
 def _meta_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
+    half = loss.META_AUTOCAST
+    if half is not None:  # sdpa is on autocast's list: q, k and v in the autocast dtype
+        q, k, v = (t.to(half) if t.dtype == torch.float32 else t for t in (q, k, v))
     return _MetaFlashAttention.apply(q, k, v)
 
 
 def _meta_sdpa_fp32(q, k, v, *args, **kwargs):
     """What attention.py runs for packed rows on CPU under bf16: fp32 copies in, bf16 out."""
-    return _meta_sdpa(q.float(), k.float(), v.float(), *args, **kwargs).to(v.dtype)
+    return _MetaFlashAttention.apply(q.float(), k.float(), v.float()).to(v.dtype)
+
+
+class _AutocastOnMeta(torch.overrides.TorchFunctionMode):
+    """fp16/bf16 autocast's casts, traced on the meta device (which has no autocast): the
+    inputs of matrix products are cast to the autocast dtype, everything else keeps its dtype,
+    as autocast does on CUDA and CPU. So with fp32 weights the residual stream stays fp32 and
+    every linear layer keeps its own half-precision copy of its input, as in the real run.
+    Casts of weights are made outside `memory`'s count: the plan lists them apart (`autocast
+    weight copies`). One instance per forward pass: autocast caches a trainable weight's cast
+    for the pass, and casts a frozen weight at each use."""
+
+    PRODUCTS = frozenset(
+        [
+            torch.nn.functional.linear,
+            torch.matmul,
+            torch.mm,
+            torch.bmm,
+            torch.addmm,
+            torch.baddbmm,
+            torch.Tensor.matmul,
+            torch.Tensor.__matmul__,
+            torch.Tensor.mm,
+            torch.Tensor.bmm,
+        ]
+    )
+
+    def __init__(self, dtype: torch.dtype, memory: Any, weights: set[int]) -> None:
+        super().__init__()
+        self.dtype, self.memory, self.weights = dtype, memory, weights
+        self.cache: dict[int, torch.Tensor] = {}
+
+    def __enter__(self):
+        loss.META_AUTOCAST = self.dtype  # lean.py and loss.py read the compute dtype here
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        loss.META_AUTOCAST = None
+        return super().__exit__(*exc)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.PRODUCTS:
+            cast = torch.utils._pytree.tree_map_only
+            args, kwargs = cast(torch.Tensor, self._cast, (args, kwargs))
+        return func(*args, **kwargs)
+
+    def _cast(self, t: torch.Tensor) -> torch.Tensor:
+        if t.dtype != torch.float32:
+            return t
+        if id(t) not in self.weights:
+            return t.to(self.dtype)
+        if t.requires_grad and id(t) in self.cache:
+            return self.cache[id(t)]
+        with self.memory.untracked():
+            cast = t.to(self.dtype)
+        if t.requires_grad:
+            self.cache[id(t)] = cast
+        return cast
+
+
+def _forward_backward_as_run(model, batches, with_loss, chunk, act_dtype, memory) -> None:
+    """`_forward_backward`, under autocast's casts when the run has autocast."""
+    if act_dtype == torch.float32:
+        _forward_backward(model, batches, with_loss, chunk)
+        return
+    from tuneoff.loss import forward_loss
+
+    weights = {id(p) for p in model.parameters()}
+    checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5.2x
+    if checkpointing is None:
+        checkpointing = model.is_gradient_checkpointing
+    if checkpointing:  # recomputed under autocast too, as torch.utils.checkpoint does
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={
+                "use_reentrant": False,
+                "context_fn": lambda: (
+                    contextlib.nullcontext(),
+                    _AutocastOnMeta(act_dtype, memory, weights),
+                ),
+            }
+        )
+    for batch in batches:
+        with _AutocastOnMeta(act_dtype, memory, weights):
+            out = forward_loss(model, batch, chunk) if with_loss else _hidden_sum(model, batch)
+        out.backward()
 
 
 @contextlib.contextmanager
@@ -171,13 +262,14 @@ def _forward_backward(model, batches, with_loss: bool, chunk: int) -> None:
 
 
 def _trace_cfg(cfg: Config, runtime: Runtime) -> tuple[Config, torch.dtype]:
-    """The config traced on meta and the dtype activations have in the real run. QLoRA is
-    traced as LoRA (the 4-bit weights are added by formula), 8-bit AdamW as AdamW."""
+    """The config traced on meta (the real weights' dtype) and the run's autocast dtype (its
+    weights' dtype without autocast). QLoRA is traced as LoRA (the 4-bit weights are added by
+    formula), 8-bit AdamW as AdamW."""
     real_dtype = weights_dtype(cfg, runtime)
     act_dtype = real_dtype
     if runtime.precision in ("fp16", "bf16"):  # autocast, on CUDA or (bf16) on CPU
         act_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[runtime.precision]
-    dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[act_dtype]
+    dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[real_dtype]
     method = "lora" if cfg.method == "qlora" else cfg.method
     if method == "full" and dtype_name == "fp16":
         dtype_name = "bf16"  # same bytes; fp16 is refused for full weights
@@ -203,14 +295,14 @@ def _trace_train(arch_config, cfg: Config, runtime: Runtime, with_loss: bool) ->
     from tuneoff.measure import TensorMemory
 
     trace_cfg, act_dtype = _trace_cfg(cfg, runtime)
-    model = _meta_model(arch_config, trace_cfg).to(act_dtype)  # autocast: adapters compute
-    model.train()  # in the autocast dtype too
+    model = _meta_model(arch_config, trace_cfg)
+    model.train()
     batches = [trace_batch(cfg, "meta")]  # each micro-batch frees its activations
     existing = tuple(t for b in batches for t in b.values())
     varlen = getattr(model.config, "_attn_implementation", None) == attention.NAME
     fp32_attention = varlen and runtime.device == "cpu" and act_dtype != torch.float32
     with _flash_on_meta(fp32_attention), TensorMemory(model, existing) as memory:
-        _forward_backward(model, batches, with_loss, cfg.loss_chunk_size)
+        _forward_backward_as_run(model, batches, with_loss, cfg.loss_chunk_size, act_dtype, memory)
     return memory.peak_bytes
 
 
@@ -220,11 +312,14 @@ def _trace_eval(arch_config, cfg: Config, runtime: Runtime) -> int:
     from tuneoff.measure import TensorMemory
 
     trace_cfg, act_dtype = _trace_cfg(cfg, runtime)
-    model = _meta_model(arch_config, trace_cfg).to(act_dtype)
+    model = _meta_model(arch_config, trace_cfg)
     model.eval()
     batch = trace_batch(cfg, "meta", eval_batch=True)
+    weights = {id(p) for p in model.parameters()}
     with _flash_on_meta(), TensorMemory(model, tuple(batch.values())) as memory:
-        stats_tensors(model, batch, cfg.loss_chunk_size)
+        autocast = _AutocastOnMeta(act_dtype, memory, weights)
+        with autocast if act_dtype != torch.float32 else contextlib.nullcontext():
+            stats_tensors(model, batch, cfg.loss_chunk_size)
     return memory.peak_bytes
 
 
@@ -306,18 +401,6 @@ def _step_temporaries(params, cfg: Config, runtime: Runtime) -> int:
     return 0
 
 
-def _residual_correction(arch_config, cfg: Config, params, act_dtype) -> int:
-    """Under autocast with fp32 weights the residual stream stays fp32, so each RMSNorm saves
-    an fp32 copy where the meta trace (in the autocast dtype) saw a half-precision one."""
-    if act_dtype == torch.float32 or not any(d == torch.float32 for _, _, d, _, _ in params):
-        return 0
-    layers = arch_config.num_hidden_layers
-    tokens = cfg.batch_size * cfg.max_seq_len
-    if cfg.gradient_checkpointing:
-        return layers * tokens * arch_config.hidden_size * 2  # only layer inputs are kept
-    return 2 * layers * tokens * arch_config.hidden_size * 2
-
-
 # --------------------------------------------------------------------------- prediction
 
 
@@ -340,9 +423,7 @@ def predict(
         for ckpt in checkpointing:
             ckpt_cfg = cfg.replace(gradient_checkpointing=ckpt)
             traced[ckpt] = _trace_train(arch_config, ckpt_cfg, runtime, with_loss=False)
-            acts[ckpt] = traced[ckpt] + _residual_correction(
-                arch_config, ckpt_cfg, params, act_dtype
-            )
+            acts[ckpt] = traced[ckpt]
         activations = acts[cfg.gradient_checkpointing]
         with_loss = _trace_train(arch_config, cfg, runtime, with_loss=True)
         logits = max(0, with_loss - traced[cfg.gradient_checkpointing])
