@@ -8,8 +8,9 @@ an autograd function that saves only what cannot be recomputed in one elementwis
   gradients are bitwise those of the stock module: backward recomputes silu(gate) with the
   same kernel and calls the same `silu_backward`.
 - RMSNorm: saves its input in its own dtype and one fp32 scalar per token, not the fp32 copy
-  of the input (under autocast) nor the normalized tensor (when the norm weight trains).
-  Same forward; gradients equal to floating-point rounding.
+  of a half-precision input nor the normalized tensor (when the norm weight trains); an fp32
+  input to a frozen norm keeps the stock computation, which saves no more. Same forward;
+  gradients equal to floating-point rounding.
 - LoRA dropout: PEFT computes `lora_B(lora_A(dropout(x)))`, so each adapter's lora_A saves its
   own dropped copy of x (q, k and v each keep one of the same input). Here lora_A draws the
   mask itself, saves x (one tensor shared by q, k and v) and the boolean mask, and recomputes
@@ -91,7 +92,10 @@ class _SwiGLU(torch.autograd.Function):
 
 
 def _rms_norm_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if not torch.is_grad_enabled():
+    # An fp32 input with a frozen weight: autograd keeps only x and 1/rms too, with its own
+    # (faster) backward.
+    stock = x.dtype == torch.float32 and not self.weight.requires_grad
+    if stock or not torch.is_grad_enabled():
         xf = x.to(torch.float32)
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         return self.weight * normed.to(x.dtype)
