@@ -178,6 +178,33 @@ def test_chunked_loss_equals_full_logits_loss_and_gradients(tiny_model_dir):
             torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_chunked_loss_slices_the_fp32_head_gradient_under_autocast(monkeypatch):
+    """fp32 weights under bf16 autocast: the head's fp32 gradient gathers bf16 products a
+    vocabulary slice at a time; same gradients as in one product, a smaller temporary."""
+    from transformers import AutoModelForCausalLM
+
+    from tuneoff import loss as loss_module
+    from tuneoff.measure import TensorMemory
+
+    arch = tiny_qwen2_config(hidden=32, vocab=768)
+    ids = torch.randint(3, 700, (2, 40), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    grads, peaks = [], []
+    for vocab_slice in (10**6, 100):
+        monkeypatch.setattr(loss_module, "VOCAB_SLICE", vocab_slice)
+        torch.manual_seed(0)
+        model = prepare_model(AutoModelForCausalLM.from_config(arch), Config(method="full"))
+        with TensorMemory(model, tuple(batch.values())) as memory:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                part = forward_loss(model, batch, 16)
+            part.backward()
+        peaks.append(memory.peak_bytes)
+        grads.append(model.get_output_embeddings().weight.grad)
+    assert grads[0].dtype == torch.float32
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+    assert peaks[1] <= peaks[0] - (768 - 100) * 32 * 2  # the whole head's bf16 product
+
+
 def test_lean_optimizers_hold_fewer_state_bytes_and_track_adamw():
     torch.manual_seed(0)
     a, y = torch.randn(64, 4096), torch.randn(64)

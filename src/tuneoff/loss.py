@@ -18,6 +18,10 @@ import torch
 import torch.nn.functional as F
 
 IGNORE = -100
+# Vocabulary rows per product when an fp32 head gradient gathers 16-bit products (fp32 weights
+# under autocast): caps that temporary at VOCAB_SLICE x hidden (50 MB for Qwen2.5-1.5B, not
+# the 0.43 GiB of the whole head).
+VOCAB_SLICE = 16384
 
 
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -91,8 +95,9 @@ class _ChunkedLinearCE(torch.autograd.Function):
             grad_h[start : start + chunk_size] = (g @ w).to(hidden.dtype)
             if grad_w is not None and grad_w.dtype == dtype:
                 grad_w.addmm_(g.t(), h)  # in place: no weight-sized temporary
-            elif grad_w is not None:
-                grad_w.add_(g.t() @ h)
+            elif grad_w is not None:  # fp32 gradient of 16-bit products: a slice at a time
+                for v in range(0, grad_w.size(0), VOCAB_SLICE):
+                    grad_w[v : v + VOCAB_SLICE].add_(g[:, v : v + VOCAB_SLICE].t() @ h)
             del logits, probs, g
         ctx.save_for_backward(grad_h, grad_w if grad_w is not None else torch.empty(0))
         ctx.has_grad_w = grad_w is not None
