@@ -119,7 +119,7 @@ def test_lean_lora_saves_one_input_for_q_k_v():
 
 
 def test_dropout_linear_torch_masks_and_eval():
-    """Away from numpy masks (CUDA, fast_dropout=false): torch's bernoulli, 1 - p kept."""
+    """Away from numpy masks (CUDA, fast_dropout=false): torch.rand's draws, 1 - p kept."""
     layer = torch.nn.Linear(400, 3, bias=False)
     layer.__class__ = DropoutLinear
     layer.p, layer.fast_masks = 0.2, False

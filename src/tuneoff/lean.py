@@ -181,7 +181,7 @@ class DropoutLinear(torch.nn.Linear):
 def _mask_for(x: torch.Tensor, p: float, fast: bool) -> torch.Tensor:
     if fast and x.device.type in ("cpu", "meta"):
         return _keep_mask(x.shape, x.device.type, p)
-    return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
+    return torch.rand(x.shape, device=x.device) >= p  # keep where a uniform >= p, as torch
 
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
