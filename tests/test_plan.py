@@ -295,7 +295,7 @@ def test_plan_cli_prints_every_component_and_advice(capsys):
                 "loss_chunk_size=0",
                 "precision=fp16",
                 "weights_dtype=fp32",
-                "lean_activations=false",  # with them, it fits without checkpointing
+                "lean_activations=false",  # the advice turns them back on
             ]
         )
         == 0
@@ -313,7 +313,9 @@ def test_plan_cli_prints_every_component_and_advice(capsys):
         "NO",
     ):
         assert label in out
-    assert "full fits with:" in out and "gradient_checkpointing=true" in out
+    assert "full fits with:" in out and "lean_activations=true" in out
+    assert main(["plan", "--preset", "seed", "--gpu-memory", "15GiB", "--methods", "full"]) == 0
+    assert "gradient_checkpointing=true  (needs" in capsys.readouterr().out
 
 
 def test_plan_cli_json_and_measure_on_a_tiny_model(capsys, tiny_model_dir):
