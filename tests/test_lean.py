@@ -177,3 +177,21 @@ def test_rms_norm_gradients_match_stock_formula(dtype, weight_trains):
         torch.testing.assert_close(results[1][2], results[0][2], **tol)
     else:
         assert results[1][2] is None
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_checkpointed_layers_recompute_the_same_masks_and_gradients(method):
+    """Gradient checkpointing recomputes each layer in backward: the lean functions must save
+    and draw the same (dropout masks replayed from torch's RNG state), or the gradients drift."""
+    runtime = Runtime("cpu", "fp32", "test")
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for checkpointing in (False, True):
+        cfg = Config(method=method, lora_dropout=0.1, gradient_checkpointing=checkpointing)
+        model = prepare_model(tiny_model("qwen2"), cfg, runtime).train()
+        torch.manual_seed(5)
+        loss_of(model, ids).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
