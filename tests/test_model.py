@@ -135,3 +135,23 @@ def test_prepare_model_installs_fast_dropout_on_cpu_only_when_asked(tiny_model_d
     assert dropouts(True) == {FastDropout}
     assert dropouts(False) == {torch.nn.Dropout}
     assert dropouts(True, "cuda") == {torch.nn.Dropout}  # torch's fused dropout there
+
+
+def test_compile_model_wraps_in_place_with_room_for_recompiles(tiny_model_dir):
+    import torch._dynamo
+
+    from tuneoff.model import compile_model, load_model
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    before = getattr(config, name)
+    try:
+        setattr(config, name, 8)  # dynamo's default
+        model = prepare_model(load_model(str(tiny_model_dir)), Config(method="lora"))
+        keys = set(model.state_dict())
+        compile_model(model)
+        assert getattr(config, name) >= 64
+        assert model._compiled_call_impl is not None  # compiled lazily, at the first call
+        assert set(model.state_dict()) == keys
+    finally:
+        setattr(config, name, before)

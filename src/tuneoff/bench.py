@@ -300,7 +300,7 @@ def tuneoff_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from accelerate.utils import set_seed
 
     from tuneoff import attention
-    from tuneoff.model import choose_runtime, count_parameters, prepare_model
+    from tuneoff.model import choose_runtime, compile_model, count_parameters, prepare_model
     from tuneoff.optim import make_optimizer
     from tuneoff.train import choose_batching, make_loader, make_scheduler, run_window
 
@@ -316,7 +316,7 @@ def tuneoff_worker(spec: dict[str, Any]) -> dict[str, Any]:
     set_seed(cfg.seed)
     model = prepare_model(model, cfg, runtime)
     if cfg.compile:
-        model.compile()
+        compile_model(model)
     params = count_parameters(model)
     optimizer = make_optimizer(model, cfg, device)
     scheduler = make_scheduler(optimizer, cfg, warmup + steps)

@@ -236,6 +236,23 @@ def prepare_model(
     return model
 
 
+def compile_model(model: torch.nn.Module) -> None:
+    """`torch.compile` in place (the module keeps its type, attributes and state-dict keys),
+    with room for more recompilations than dynamo's default of 8 per code object:
+    transformers wraps many forwards in one shared decorator function, whose code object every
+    wrapped forward and every grad mode (training, evaluation) recompiles; at the default limit
+    those frames fall back to eager after a few steps."""
+    import torch._dynamo
+
+    name = (
+        "recompile_limit"
+        if hasattr(torch._dynamo.config, "recompile_limit")
+        else ("cache_size_limit")
+    )
+    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+    model.compile()
+
+
 def use_varlen_attention(model: torch.nn.Module) -> None:
     """Packed examples attend per example (`attention.py`) in place of sdpa's block mask over
     whole rows, for plain causal decoders on sdpa; other models and attentions keep theirs

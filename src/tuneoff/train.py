@@ -41,6 +41,7 @@ from tuneoff.loss import forward_loss
 from tuneoff.model import (
     Runtime,
     choose_runtime,
+    compile_model,
     count_parameters,
     load_model,
     load_tokenizer,
@@ -367,7 +368,7 @@ def run_arm(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     set_seed(cfg.seed)  # adapters are initialized from this seed in every arm
     model = prepare_model(model, cfg, runtime)
     if cfg.compile:
-        model.compile()  # in place: the module keeps its type, attributes and state-dict keys
+        compile_model(model)
     summary = _summary_head(cfg, runtime, model, counts, manifest, accelerator)
     summary["memory_plan"] = _memory_plan(cfg, runtime, budget)
     measure.reset_peak_memory(runtime.device)
