@@ -175,3 +175,25 @@ def test_ratios_are_paired_per_round_then_medianed():
     assert median_ratios(rounds) == {"lora": {"seed": 2.5}}  # ratio of the medians: 20/10 = 2
     rounds[0] = ratios([arm("lora", "tuneoff", 20), {**arm("seed", "seed", 10), "status": "oom"}])
     assert median_ratios(rounds) == {"lora": {"seed": 2.5}}  # rounds where both ran (3.0, 2.5)
+
+
+def test_ablation_arms_run_on_the_same_batches(tiny_config, tmp_path, capfd):
+    """`--methods lora,lora:lean_activations=false`: both arms on identical batches, the
+    variant with its own key (here: more tensor memory for the same window)."""
+    from tuneoff.cli import main
+
+    work = tmp_path / "bench"
+    argv = ["bench", "--model", str(tiny_config), "--steps", "1", "--warmup-steps", "0"]
+    argv += ["--methods", "lora,lora:lean_activations=false", "--baselines", "none"]
+    argv += ["--seq-len", "64", "--work-dir", str(work), "--device", "cpu", "--json"]
+    assert main([*argv, "batch_size=4", "grad_accum=1"]) == 0
+    arms = {r["arm"]: r for r in json.loads((work / "bench.json").read_text())["arms"]}
+    lean, stock = arms["lora"], arms["lora:lean_activations=false"]
+    assert lean["status"] == stock["status"] == "ok"
+    assert lean["supervised_tokens"] == stock["supervised_tokens"]
+    assert lean["losses"] == pytest.approx(stock["losses"], rel=1e-5)
+    assert stock["memory"]["peak_step_tensors_gib"] > lean["memory"]["peak_step_tensors_gib"]
+    capfd.readouterr()
+    for bad in ("lora:nope=1", "lora:method=full", "base", "lora,lora"):
+        assert main([*argv[:8], bad, *argv[9:]]) == 2, bad
+        assert f"--methods {bad}" in capfd.readouterr().err, bad

@@ -619,10 +619,27 @@ def seed_config(cfg: Config, device: str, batch_size: int | None) -> Config:
     )
 
 
+def arm_config(cfg: Config, spec: str) -> Config:
+    """A tuneoff arm from `--methods`: a method, optionally with its own keys for an ablation
+    on the same batches, e.g. `lora:lean_activations=false:batching=longest`."""
+    from tuneoff.config import TRAINING_METHODS, ConfigError, check_keys, parse_overrides
+
+    method, *items = spec.split(":")
+    if method not in TRAINING_METHODS:
+        choices = ", ".join(TRAINING_METHODS)
+        raise ConfigError(f"--methods {spec}: {method!r} is not one of {choices}")
+    overrides = parse_overrides(items)
+    check_keys(overrides, f"--methods {spec}")
+    for key in overrides:
+        if "." in key or key in ("method", "methods"):
+            raise ConfigError(f"--methods {spec}: '{key}' cannot be set per arm; name the method")
+    return cfg.replace(method=method, **overrides)
+
+
 def arm_configs(
     plan: BenchPlan, device: str, batch_size: int | None
 ) -> list[tuple[str, str, Config]]:
-    arms = [(m, "tuneoff", plan.cfg.replace(method=m)) for m in plan.methods]
+    arms = [(m, "tuneoff", arm_config(plan.cfg, m)) for m in plan.methods]
     if "seed" in plan.baselines:
         arms.append(("seed", "seed", seed_config(plan.cfg, device, batch_size)))
     if "trl" in plan.baselines:

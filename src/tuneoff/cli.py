@@ -142,7 +142,12 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     )
     _add_config_source(p)
     p.add_argument("--model", help="shipped config name (qwen2.5-1.5b), hub id or local path")
-    p.add_argument("--methods", default="lora,full", help="tuneoff arms (default lora,full)")
+    p.add_argument(
+        "--methods",
+        default="lora,full",
+        help="tuneoff arms (default lora,full); an arm may add its own keys for an ablation on "
+        "the same batches: lora:lean_activations=false:batching=longest",
+    )
     p.add_argument(
         "--baselines", default="seed,trl", help="from seed, trl; 'none' for none (default both)"
     )
@@ -629,7 +634,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if per_arm:
         raise UsageError(f"bench takes no per-arm overrides ({sorted(per_arm)})")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    cfg = cfg.replace(methods=methods)  # validates the names
+    if len(set(methods)) != len(methods):
+        raise UsageError(f"--methods {args.methods}: an arm is named twice")
+    for spec in methods:
+        bench.arm_config(cfg, spec)  # validates the method and the arm's own keys
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip() not in ("", "none")]
     if set(baselines) - set(bench.BASELINES):
         raise UsageError(f"--baselines {args.baselines}: choose from {', '.join(bench.BASELINES)}")

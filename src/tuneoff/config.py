@@ -255,7 +255,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _check_keys(values: dict[str, Any], where: str) -> None:
+def check_keys(values: dict[str, Any], where: str) -> None:
     known = {f.name for f in dataclasses.fields(Config)}
     for key in values:
         base = key.split(".", 1)[1] if "." in key and key.split(".")[0] in METHODS else key
@@ -281,10 +281,10 @@ def resolve(
         values.update(read_yaml(PRESET_DIR / f"{preset}.yaml"))
     if config_file is not None:
         file_values = read_yaml(config_file)
-        _check_keys(file_values, f"config file {config_file}")
+        check_keys(file_values, f"config file {config_file}")
         values.update(file_values)
     if overrides:
-        _check_keys(overrides, "command line")
+        check_keys(overrides, "command line")
         values.update(overrides)
     per_arm: dict[str, dict[str, Any]] = {}
     for key in [k for k in values if "." in k]:
