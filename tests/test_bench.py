@@ -194,6 +194,6 @@ def test_ablation_arms_run_on_the_same_batches(tiny_config, tmp_path, capfd):
     assert lean["losses"] == pytest.approx(stock["losses"], rel=1e-5)
     assert stock["memory"]["peak_step_tensors_gib"] > lean["memory"]["peak_step_tensors_gib"]
     capfd.readouterr()
-    for bad in ("lora:nope=1", "lora:method=full", "base", "lora,lora"):
+    for bad in ("lora:nope=1", "lora:method=full", "base", "lora,lora", ","):
         assert main([*argv[:8], bad, *argv[9:]]) == 2, bad
         assert f"--methods {bad}" in capfd.readouterr().err, bad

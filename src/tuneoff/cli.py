@@ -634,8 +634,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if per_arm:
         raise UsageError(f"bench takes no per-arm overrides ({sorted(per_arm)})")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if len(set(methods)) != len(methods):
-        raise UsageError(f"--methods {args.methods}: an arm is named twice")
+    if not methods or len(set(methods)) != len(methods):
+        raise UsageError(f"--methods {args.methods}: name each arm once, at least one")
     for spec in methods:
         bench.arm_config(cfg, spec)  # validates the method and the arm's own keys
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip() not in ("", "none")]
