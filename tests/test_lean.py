@@ -14,6 +14,8 @@ from tuneoff.lean import (
     _DropoutLinear,
     _RMSNorm,
     _SwiGLU,
+    pack_bits,
+    unpack_bits,
     use_lean_activations,
 )
 from tuneoff.model import Runtime, prepare_model
@@ -148,6 +150,46 @@ def test_autograd_functions_gradcheck():
     assert torch.autograd.gradcheck(dropout_linear, (x, weight, bias))
     expected = torch.nn.functional.linear(x * keep / 0.7, weight, bias)
     torch.testing.assert_close(dropout_linear(x, weight, bias), expected)
+    x, keep = x[:, :, :4].detach().requires_grad_(), keep[:, :, :4]  # 24 elements: bit-packed
+    weight = weight[:, :4].detach().requires_grad_()
+    assert torch.autograd.gradcheck(dropout_linear, (x, weight, bias))
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize(
+    "device", ["cpu", "meta", pytest.param("cuda", marks=[pytest.mark.gpu, CUDA])]
+)
+def test_pack_bits_round_trip_and_layout(device):
+    """Every pattern of 8 bools packs to the byte whose bit j is element j, and unpacks back;
+    sizes not divisible by 8 stay boolean."""
+    import itertools
+
+    patterns = torch.tensor(list(itertools.product([False, True], repeat=8)), device=device)
+    packed = pack_bits(patterns)
+    assert packed.dtype == torch.uint8 and packed.shape == (256,)
+    assert unpack_bits(packed, patterns.shape).shape == patterns.shape
+    if device == "meta":
+        return
+    expected = (patterns.long() << torch.arange(8, device=device)).sum(1)
+    assert torch.equal(packed.long(), expected)
+    assert torch.equal(unpack_bits(packed, patterns.shape), patterns)
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(3, 40, 24), (5, 7)]:
+        keep = (torch.rand(shape, generator=gen) > 0.3).to(device)
+        stored = pack_bits(keep)
+        assert stored.numel() == (keep.numel() // 8 if keep.numel() % 8 == 0 else keep.numel())
+        assert torch.equal(unpack_bits(stored, keep.shape), keep)
+
+
+def test_dropout_linear_saves_its_mask_in_bits():
+    layer = torch.nn.Linear(64, 8, bias=False)
+    layer.__class__ = DropoutLinear
+    layer.p, layer.fast_masks = 0.1, True
+    x = torch.randn(3, 10, 64, requires_grad=True)
+    size, _ = saved_bytes(lambda: layer(x))
+    assert size == x.numel() * 4 + layer.weight.numel() * 4 + x.numel() // 8
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

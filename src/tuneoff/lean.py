@@ -13,9 +13,10 @@ an autograd function that saves only what cannot be recomputed in one elementwis
   gradients equal to floating-point rounding.
 - LoRA dropout: PEFT computes `lora_B(lora_A(dropout(x)))`, so each adapter's lora_A saves its
   own dropped copy of x (q, k and v each keep one of the same input). Here lora_A draws the
-  mask itself, saves x (one tensor shared by q, k and v) and the boolean mask, and recomputes
-  the dropped input in backward. Same distribution; on CPU the masks are the same draws as
-  `FastDropout`'s (numpy, seeded from torch), so losses equal those without lean activations.
+  mask itself, saves x (one tensor shared by q, k and v) and the mask packed in one bit per
+  element, and recomputes the dropped input in backward. Same distribution; on CPU the masks
+  are the same draws as `FastDropout`'s (numpy, seeded from torch), so losses equal those
+  without lean activations.
 
 Only modules whose forward is known to be the pattern above are swapped (class names below);
 every other module and model keeps its own forward. Outside training (no grad) the stock
@@ -157,7 +158,7 @@ def _lean_lora_dropout(module: torch.nn.Module, fast_masks: bool) -> int:
 
 
 class DropoutLinear(torch.nn.Linear):
-    """`linear(dropout(x))` that saves x and a boolean mask rather than the dropped copy of x.
+    """`linear(dropout(x))` that saves x and a bit-packed mask rather than the dropped copy of x.
     Under autocast it computes in the autocast dtype; otherwise in its weight's dtype, after
     casting x to it (PEFT's `_cast_input_dtype`)."""
 
@@ -191,14 +192,15 @@ class _DropoutLinear(torch.autograd.Function):
         scale = 1.0 / (1.0 - p)
         dropped = torch.mul(x.to(dtype), keep).mul_(scale)
         cast = weight.to(dtype)  # r x in: kept for backward rather than cast again
-        ctx.save_for_backward(x, cast, keep)
-        ctx.scale, ctx.weight_dtype = scale, weight.dtype
+        ctx.save_for_backward(x, cast, pack_bits(keep))
+        ctx.scale, ctx.weight_dtype, ctx.shape = scale, weight.dtype, keep.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
         return F.linear(dropped, cast, _cast(bias, dtype))
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, keep = ctx.saved_tensors  # weight: in the compute dtype
+        x, weight, packed = ctx.saved_tensors  # weight: in the compute dtype
+        keep = unpack_bits(packed, ctx.shape)
         grad = grad.to(weight.dtype)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[1]:
@@ -212,6 +214,38 @@ class _DropoutLinear(torch.autograd.Function):
             grad_x = torch.mul(grad.matmul(weight), keep).mul_(ctx.scale)
             grad_x = grad_x.to(x.dtype)
         return grad_x, grad_w, grad_b, None, None, None
+
+
+def pack_bits(keep: torch.Tensor) -> torch.Tensor:
+    """A boolean mask in one bit per element (uint8; element 8i + j in bit j of byte i): a mask
+    kept for backward costs an eighth of its bytes (as bool, the three q/k/v masks took more
+    than a bf16 copy of their input). Masks of a size not divisible by 8 stay boolean.
+
+    Eight bools (bytes of 0 or 1) read as one int64 w = sum_j b_j 2^(8j); times M = sum_j
+    2^(56-7j), the term b_j 2^(56+j) lands in the top byte and every other product at a distinct
+    bit outside it (no carries), so the top byte is sum_j b_j 2^j. Three elementwise passes
+    over an eighth of the elements."""
+    if keep.numel() % 8:
+        return keep
+    words = keep.reshape(-1).view(torch.uint8).view(torch.int64)  # 8 mask bytes per word
+    return (words * _SPREAD).bitwise_right_shift_(56).to(torch.uint8)  # wraps as two's complement
+
+
+def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The boolean mask of `shape` that `pack_bits` packed: each byte copied into the 8 bytes
+    of a word (times 0x0101...01), byte j keeping bit j (and 0x8040...01), then made 0 or 1."""
+    if packed.dtype == torch.bool:
+        return packed
+    words = (packed.to(torch.int64) * _REPEAT).bitwise_and_(_SELECT)
+    # each byte 0 or 2^j: + 0x7F sets its top bit iff nonzero (no carry), which moves to bit 0
+    words.add_(_HIGH).bitwise_right_shift_(7).bitwise_and_(_REPEAT)
+    return words.view(torch.uint8).view(torch.bool).view(shape)
+
+
+_SPREAD = sum(2 ** (56 - 7 * j) for j in range(8))  # 0x0102040810204080
+_REPEAT = 0x0101010101010101
+_SELECT = -0x7FBFDFEFF7FBFDFF  # 0x8040201008040201 as a signed int64
+_HIGH = 0x7F7F7F7F7F7F7F7F
 
 
 # --------------------------------------------------------------------------- fast masks
