@@ -145,7 +145,7 @@ def test_autograd_functions_gradcheck():
     keep = torch.rand(2, 3, 6, generator=gen) > 0.3
 
     def dropout_linear(a, b, c):
-        return _DropoutLinear.apply(a, b, c, keep, 0.3, torch.float64)
+        return _DropoutLinear.apply(a, b, c, keep, None, 0.3, torch.float64)
 
     assert torch.autograd.gradcheck(dropout_linear, (x, weight, bias))
     expected = torch.nn.functional.linear(x * keep / 0.7, weight, bias)
@@ -183,13 +183,45 @@ def test_pack_bits_round_trip_and_layout(device):
         assert torch.equal(unpack_bits(stored, keep.shape), keep)
 
 
-def test_dropout_linear_saves_its_mask_in_bits():
+def _dropout_linear(fast_masks: bool, p: float = 0.1) -> DropoutLinear:
     layer = torch.nn.Linear(64, 8, bias=False)
     layer.__class__ = DropoutLinear
-    layer.p, layer.fast_masks = 0.1, True
+    layer.p, layer.fast_masks = p, fast_masks
+    return layer.train()
+
+
+def test_dropout_linear_saves_numpy_masks_in_bits_and_torch_masks_as_a_seed():
     x = torch.randn(3, 10, 64, requires_grad=True)
-    size, _ = saved_bytes(lambda: layer(x))
-    assert size == x.numel() * 4 + layer.weight.numel() * 4 + x.numel() // 8
+    weights = 64 * 8 * 4
+    size, _ = saved_bytes(lambda: _dropout_linear(fast_masks=True)(x))
+    assert size == x.numel() * 4 + weights + x.numel() // 8
+    size, _ = saved_bytes(lambda: _dropout_linear(fast_masks=False)(x))
+    assert size == x.numel() * 4 + weights  # the mask is drawn again from its seed
+
+
+def test_seeded_mask_is_drawn_again_identically_in_backward():
+    """Forward and backward of the seed path use one mask: the same output and gradients as
+    autograd through linear(x * keep / (1 - p)) with that mask, drawn here from the same seed."""
+    from tuneoff.lean import _seeded_mask
+
+    layer = _dropout_linear(fast_masks=False, p=0.3)
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    grad = torch.randn(2, 5, 8)
+    torch.manual_seed(3)
+    out = layer(x)
+    out.backward(grad)
+    torch.manual_seed(3)
+    keep = _seeded_mask(x.shape, x.device, 0.3, int(torch.randint(0, 2**62, ())))
+    assert 0 < int(keep.sum()) < keep.numel()
+    ref_x = x.detach().clone().requires_grad_()
+    ref_w = layer.weight.detach().clone().requires_grad_()
+    ref = torch.nn.functional.linear(ref_x * keep / 0.7, ref_w)
+    ref.backward(grad)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(x.grad, ref_x.grad)
+    torch.testing.assert_close(layer.weight.grad, ref_w.grad)
+    torch.manual_seed(4)
+    assert not torch.equal(layer(x), out)  # another draw, another mask
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -221,15 +253,21 @@ def test_rms_norm_gradients_match_stock_formula(dtype, weight_trains):
         assert results[1][2] is None
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
-def test_checkpointed_layers_recompute_the_same_masks_and_gradients(method):
+@pytest.mark.parametrize("method,fast", [("lora", True), ("lora", False), ("full", True)])
+def test_checkpointed_layers_recompute_the_same_masks_and_gradients(method, fast):
     """Gradient checkpointing recomputes each layer in backward: the lean functions must save
-    and draw the same (dropout masks replayed from torch's RNG state), or the gradients drift."""
+    and draw the same (dropout masks, numpy's or seeded torch's, replayed from torch's RNG
+    state), or the gradients drift."""
     runtime = Runtime("cpu", "fp32", "test")
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
     grads = []
     for checkpointing in (False, True):
-        cfg = Config(method=method, lora_dropout=0.1, gradient_checkpointing=checkpointing)
+        cfg = Config(
+            method=method,
+            lora_dropout=0.1,
+            gradient_checkpointing=checkpointing,
+            fast_dropout=fast,
+        )
         model = prepare_model(tiny_model("qwen2"), cfg, runtime).train()
         torch.manual_seed(5)
         loss_of(model, ids).backward()

@@ -108,21 +108,22 @@ def test_prediction_within_10_percent_of_measured_tensor_memory(method, checkpoi
 
 
 @pytest.mark.parametrize(
-    "method, runtime",
+    "method, runtime, fast",
     [
-        ("lora", CPU),
-        ("full", CPU),
-        ("lora", CPU_BF16),
-        ("full", CPU_BF16),  # fp32 weights under autocast: fp32 residual, a cast per linear
+        ("lora", CPU, True),
+        ("full", CPU, True),
+        ("lora", CPU_BF16, True),
+        ("full", CPU_BF16, True),  # fp32 weights under autocast: fp32 residual, a cast per linear
+        ("lora", CPU, False),  # torch's dropout masks, drawn again from their seed (as on GPU)
     ],
-    ids=["lora-fp32", "full-fp32", "lora-bf16", "full-bf16"],
+    ids=["lora-fp32", "full-fp32", "lora-bf16", "full-bf16", "lora-seeded-masks"],
 )
-def test_packed_prediction_within_10_percent_on_cpu(method, runtime):
+def test_packed_prediction_within_10_percent_on_cpu(method, runtime, fast):
     """Packed rows on varlen attention, in fp32 and under CPU bf16 autocast (where attention
     runs on fp32 copies of query, key and value, as the trace must count). Measured tensors
     include autocast's weight casts, which the prediction lists apart."""
     arch = tiny_arch()
-    cfg = Config(method=method, batch_size=4, max_seq_len=64, eval_batch_size=8)
+    cfg = Config(method=method, batch_size=4, max_seq_len=64, eval_batch_size=8, fast_dropout=fast)
     assert cfg.batching == "packed" and cfg.packed_attention == "varlen"
     predicted = predict(cfg, arch, runtime, both_checkpointing=False).components
     measured = measure(cfg, arch, runtime)

@@ -14,9 +14,10 @@ an autograd function that saves only what cannot be recomputed in one elementwis
 - LoRA dropout: PEFT computes `lora_B(lora_A(dropout(x)))`, so each adapter's lora_A saves its
   own dropped copy of x (q, k and v each keep one of the same input). Here lora_A draws the
   mask itself, saves x (one tensor shared by q, k and v) and the mask packed in one bit per
-  element, and recomputes the dropped input in backward. Same distribution; on CPU the masks
-  are the same draws as `FastDropout`'s (numpy, seeded from torch), so losses equal those
-  without lean activations.
+  element (numpy masks on CPU) or only the seed it was drawn from (torch's generator, drawn
+  again in backward), and recomputes the dropped input in backward. Same distribution; on CPU
+  the masks are the same draws as `FastDropout`'s (numpy, seeded from torch), so losses equal
+  those without lean activations.
 
 Only modules whose forward is known to be the pattern above are swapped (class names below);
 every other module and model keeps its own forward. Outside training (no grad) the stock
@@ -158,9 +159,11 @@ def _lean_lora_dropout(module: torch.nn.Module, fast_masks: bool) -> int:
 
 
 class DropoutLinear(torch.nn.Linear):
-    """`linear(dropout(x))` that saves x and a bit-packed mask rather than the dropped copy of x.
-    Under autocast it computes in the autocast dtype; otherwise in its weight's dtype, after
-    casting x to it (PEFT's `_cast_input_dtype`)."""
+    """`linear(dropout(x))` that saves x rather than the dropped copy of x, and for the mask
+    either its bits (numpy masks on CPU) or the seed of torch's generator that drew it (drawn
+    again in backward: no bytes, and two kernels where packing and unpacking take nine, which
+    matters where the step is launch-bound). Under autocast it computes in the autocast dtype;
+    otherwise in its weight's dtype, after casting x to it (PEFT's `_cast_input_dtype`)."""
 
     p: float = 0.0
     fast_masks: bool = False
@@ -170,16 +173,32 @@ class DropoutLinear(torch.nn.Linear):
         dtype = compute_dtype(x.device, self.weight.dtype)
         if not self.training or not torch.is_grad_enabled():
             return F.linear(x.to(dtype), self.weight.to(dtype), _cast(self.bias, dtype))
-        keep = _mask_for(x, self.p, self.fast_masks)
+        seed = None
+        if self.fast_masks and device in ("cpu", "meta"):
+            keep = _keep_mask(x.shape, device, self.p)
+        elif torch.compiler.is_compiling():  # no private generator in a graph: a kept mask
+            keep = torch.rand(x.shape, device=x.device) >= self.p
+        else:  # reproducible under torch.manual_seed, and replayed by checkpointing
+            seed = int(torch.randint(0, 2**62, ()))
+            keep = _seeded_mask(x.shape, x.device, self.p, seed)
         off = torch.autocast(device, enabled=False) if device in ("cpu", "cuda") else None
         with off or contextlib.nullcontext():  # computes in `dtype` with explicit casts
-            return _DropoutLinear.apply(x, self.weight, self.bias, keep, self.p, dtype)
+            return _DropoutLinear.apply(x, self.weight, self.bias, keep, seed, self.p, dtype)
 
 
-def _mask_for(x: torch.Tensor, p: float, fast: bool) -> torch.Tensor:
-    if fast and x.device.type in ("cpu", "meta"):
-        return _keep_mask(x.shape, x.device.type, p)
-    return torch.rand(x.shape, device=x.device) >= p  # keep where a uniform >= p, as torch
+_GENERATORS: dict[torch.device, torch.Generator] = {}
+
+
+def _seeded_mask(shape: torch.Size, device: torch.device, p: float, seed: int) -> torch.Tensor:
+    """Keep where torch.rand >= p (as torch's dropout draws), from a private generator seeded
+    with `seed`: the same mask whenever it is drawn again."""
+    if device.type == "meta":  # the planner's trace: shapes only
+        return torch.empty(shape, dtype=torch.bool, device=device)
+    gen = _GENERATORS.get(device)
+    if gen is None:
+        gen = _GENERATORS[device] = torch.Generator(device)
+    gen.manual_seed(seed)
+    return torch.rand(shape, device=device, generator=gen) >= p
 
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -188,22 +207,32 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 
 class _DropoutLinear(torch.autograd.Function):
     """linear(x * keep / (1 - p)), the scale applied on the rank-r side: to the output, and to
-    the incoming gradient before it meets the weight, both `r / in` the size of x."""
+    the incoming gradient before it meets the weight, both `r / in` the size of x. The mask
+    is kept as bits, or (with `seed`) drawn again in backward, or kept whole when compiled."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, keep, p: float, dtype: torch.dtype):
+    def forward(ctx, x, weight, bias, keep, seed: int | None, p: float, dtype: torch.dtype):
         scale = 1.0 / (1.0 - p)
         cast = weight.to(dtype)  # r x in: kept for backward rather than cast again
-        ctx.save_for_backward(x, cast, pack_bits(keep))
+        if seed is not None:
+            ctx.save_for_backward(x, cast)
+        elif torch.compiler.is_compiling():
+            ctx.save_for_backward(x, cast, keep)
+        else:
+            ctx.save_for_backward(x, cast, pack_bits(keep))
         ctx.scale, ctx.weight_dtype, ctx.shape = scale, weight.dtype, keep.shape
+        ctx.seed, ctx.p = seed, p
         ctx.bias_dtype = None if bias is None else bias.dtype
         out = F.linear(_masked(x.to(dtype), keep), cast).mul_(scale)
         return out if bias is None else out.add_(bias.to(dtype))
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, packed = ctx.saved_tensors  # weight: in the compute dtype
-        keep = unpack_bits(packed, ctx.shape)
+        x, weight, *stored = ctx.saved_tensors  # weight: in the compute dtype
+        if ctx.seed is not None:
+            keep = _seeded_mask(ctx.shape, x.device, ctx.p, ctx.seed)
+        else:
+            keep = unpack_bits(stored[0], ctx.shape)
         grad = grad.to(weight.dtype)
         scaled = grad * ctx.scale  # d out / d (x * keep) = scale * weight
         grad_x = grad_w = grad_b = None
@@ -216,7 +245,7 @@ class _DropoutLinear(torch.autograd.Function):
             grad_b = grad.reshape(-1, grad.shape[-1]).sum(0).to(bias_dtype)
         if ctx.needs_input_grad[0]:
             grad_x = _masked(scaled.matmul(weight), keep).to(x.dtype)
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 def _masked(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
