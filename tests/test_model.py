@@ -75,13 +75,20 @@ def test_runtime_on_cpu_falls_back_to_fp32_and_says_why():
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_cpu_runtime_is_fp32_unless_bf16_is_asked(native, monkeypatch):
+def test_cpu_runtime_is_fp32_unless_bf16_is_asked_or_pays(native, monkeypatch):
     monkeypatch.setattr(model_module, "cpu_has_bf16", lambda: native)
     monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
     monkeypatch.delenv("LRU_CACHE_CAPACITY", raising=False)
-    auto = choose_runtime(Config(device="cpu"))
-    assert (auto.precision, auto.mixed_precision) == ("fp32", "no")
+    small = model_module.CPU_BF16_MIN_TOKENS - 1
+    for tokens in (None, small):
+        auto = choose_runtime(Config(device="cpu"), tokens)
+        assert (auto.precision, auto.mixed_precision) == ("fp32", "no")
     assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in os.environ  # fp32 runs leave oneDNN alone
+    large = choose_runtime(Config(device="cpu"), model_module.CPU_BF16_MIN_TOKENS)
+    assert large.precision == ("bf16" if native else "fp32")  # never emulated bf16 by default
+    asked = choose_runtime(Config(device="cpu", precision="fp32"), 10**6)
+    assert asked.precision == "fp32"
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
     asked = choose_runtime(Config(device="cpu", precision="bf16"))
     assert (asked.precision, asked.mixed_precision) == ("bf16", "bf16")
     assert ("emulated" in asked.reason) != native

@@ -19,8 +19,9 @@ Arms:
   targets, lr, warmup, schedule, clip, batch, accumulation, max_length), the same tokenized
   examples in the same order (a sequential sampler; labels given, prompt tokens -100) and TRL's
   defaults otherwise (gradient checkpointing, bf16 autocast on GPU, the checkpoint's dtype, which
-  its `dtype="auto"` loading would give). On CPU its bf16 autocast follows tuneoff's precision:
-  on with `precision=bf16`, else off (tuneoff trains fp32 there).
+  its `dtype="auto"` loading would give). On CPU its bf16 autocast follows tuneoff's precision
+  (bf16 with `precision=bf16`, or with `auto` on a CPU with native bf16 and micro-batches of
+  at least `model.CPU_BF16_MIN_TOKENS` tokens; else fp32).
 
 Timing: `--warmup-steps` optimizer steps are run first and excluded; the clock then runs over
 `--steps` steps, synchronized with the device, data loading included. `optimizer_step_ms` is the
@@ -305,11 +306,11 @@ def tuneoff_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from tuneoff.train import choose_batching, make_loader, make_scheduler, run_window
 
     cfg = Config(**spec["config"])
-    runtime = choose_runtime(cfg)
-    device = runtime.device
-    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=runtime.mixed_precision)
     examples = read_examples(spec["examples"])
     warmup, steps = spec["warmup_steps"], spec["steps"]
+    runtime = choose_runtime(cfg, _micro_tokens(examples, cfg, warmup + steps))
+    device = runtime.device
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=runtime.mixed_precision)
     set_seed(cfg.seed)
     model = random_model(cfg.model, device)
     shape = ModelShape.of(model)
@@ -387,6 +388,14 @@ def tuneoff_worker(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _micro_tokens(examples: list[Example], cfg: Config, n_steps: int) -> float | None:
+    """Mean tokens per micro-batch over the examples these steps use (CPU auto precision)."""
+    from tuneoff.train import micro_batch_tokens
+
+    used = examples[: n_steps * cfg.batch_size * cfg.grad_accum]
+    return micro_batch_tokens(used, cfg.batch_size)
+
+
 def _window_tensor_peak(model, accelerator, micro: list[dict], cfg: Config) -> float:
     """GiB of the peak of tensors alive at once during one more forward and backward of the
     window (activations, logits, temporaries and gradients; weights and optimizer states
@@ -435,9 +444,10 @@ def trl_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     datasets.disable_progress_bars()
     cfg = Config(**spec["config"])
-    device = choose_runtime(cfg).device
     examples = read_examples(spec["examples"])
     warmup, steps = spec["warmup_steps"], spec["steps"]
+    runtime = choose_runtime(cfg, _micro_tokens(examples, cfg, warmup + steps))  # as tuneoff's
+    device = runtime.device
     config = load_arch_config(cfg.model)
     dtype = getattr(config, "dtype", None) or torch.float32  # what dtype="auto" would load
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -450,7 +460,7 @@ def trl_worker(spec: dict[str, Any]) -> dict[str, Any]:
     train_set = datasets.Dataset.from_dict(
         {"input_ids": [e.input_ids for e in data], "labels": [e.labels for e in data]}
     )
-    bf16 = choose_runtime(cfg).precision == "bf16"
+    bf16 = runtime.precision == "bf16"
     args = trl_args(trl, cfg, spec["work_dir"], warmup + steps, device, bf16)
     lora = lora_config(cfg)
 
@@ -750,6 +760,7 @@ def format_table(report: dict) -> str:
         (
             "arm",
             "status",
+            "precision",
             "sup tok/s",
             "tok/s",
             "padding",
@@ -762,7 +773,7 @@ def format_table(report: dict) -> str:
     ]
     for r in report["arms"]:
         if r["status"] != "ok":
-            rows.append((r["arm"], f"{r['status']}: {r.get('reason', '')}"[:60], *[""] * 8))
+            rows.append((r["arm"], f"{r['status']}: {r.get('reason', '')}"[:60], *[""] * 9))
             continue
         mem = r["memory"]
         peak = (
@@ -777,6 +788,7 @@ def format_table(report: dict) -> str:
             (
                 r["arm"],
                 "ok",
+                r.get("precision", "-"),
                 _speed(r),
                 f"{r['tokens_per_s']:,.0f}",
                 f"{r['padding_fraction']:.1%}",

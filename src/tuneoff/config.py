@@ -70,7 +70,7 @@ class Config:
     lr_schedule: str = "linear"
     max_grad_norm: float = 1.0
     max_steps: int | None = None
-    precision: str = "auto"  # auto: bf16 autocast on GPUs with bf16, else fp16; fp32 on CPU
+    precision: str = "auto"  # auto: GPU bf16 autocast, else fp16; CPU: see choose_runtime
     device: str = "auto"
     # LoRA (ignored by other methods).
     lora_r: int = 8

@@ -49,29 +49,39 @@ def bound_onednn_caches() -> None:
     ms each) and caches up to 1,024 of them with their scratchpads (about 0.85 MB each at a few
     thousand rows). Packed rows change length every micro-batch, so a bf16 run grew 12-14 MB a
     step towards 1 GB; 32 primitives keep it flat and still cover one step's shapes. The build
-    cost is why CPU bf16 is opt-in: measured on the tiny Qwen2 it beat fp32 by 1.2-1.4x on
-    alpaca-like rows of ~2,600 tokens and lost 15% on the embedded rows of ~500. Read at the
-    first bf16 matmul, so this works after `import torch`; a user's own settings win."""
+    cost is why `precision=auto` takes bf16 on CPU only for large micro-batches
+    (`CPU_BF16_MIN_TOKENS`). Read at the first bf16 matmul, so this works after `import torch`;
+    a user's own settings win."""
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "32")
     os.environ.setdefault("LRU_CACHE_CAPACITY", "1")  # ideep's cache (0 crashes torch 2.13)
 
 
-def choose_runtime(cfg: Config) -> Runtime:
-    """Device and precision chosen in one place, with the reason printed at start."""
+# Mean tokens per micro-batch from which `precision=auto` takes bf16 autocast on a CPU with
+# native bf16. Measured on the tiny Qwen2 (AMD EPYC, AVX512-BF16, one thread, bf16 / fp32 speed):
+# 0.94 at ~420 tokens (16 short embedded examples), 1.07-1.19 at ~650, 1.28-1.32 at ~1,300
+# and ~2,600 (alpaca-like lengths). oneDNN builds a primitive for each new matrix shape, which
+# small micro-batches do not repay.
+CPU_BF16_MIN_TOKENS = 1024
+
+
+def choose_runtime(cfg: Config, tokens_per_micro_batch: float | None = None) -> Runtime:
+    """Device and precision chosen in one place, with the reason printed at start. On CPU,
+    `precision=auto` depends on the data: give the mean tokens per micro-batch."""
     has_cuda = torch.cuda.is_available()
     if cfg.device == "cuda" and not has_cuda:
         raise ModelError("device=cuda was asked for but CUDA is not available; use device=auto")
     device = "cuda" if (cfg.device == "cuda" or (cfg.device == "auto" and has_cuda)) else "cpu"
     if device == "cpu":
-        if cfg.precision == "bf16":  # opt-in: see bound_onednn_caches for why not auto
+        if cfg.precision == "bf16":
             bound_onednn_caches()
             slow = "" if cpu_has_bf16() else " (emulated on this CPU: slower than fp32)"
             return Runtime("cpu", "bf16", f"asked: bf16 autocast{slow}")
         if cfg.precision == "fp16":
             reason = "fp16 autocast was asked for, but on CPU tuneoff trains in fp32 (or bf16)"
             return Runtime("cpu", "fp32", reason)
-        reason = "CPU: fp32 (precision=bf16: faster on large batches where the CPU has bf16)"
-        return Runtime("cpu", "fp32", reason)
+        if cfg.precision == "auto":
+            return _cpu_auto(tokens_per_micro_batch)
+        return Runtime("cpu", "fp32", "asked: fp32")
     bf16_ok = torch.cuda.is_bf16_supported()
     if cfg.precision == "auto":
         if bf16_ok:
@@ -85,6 +95,24 @@ def choose_runtime(cfg: Config) -> Runtime:
         "fp32": "asked: fp32 weights and arithmetic",
     }
     return Runtime("cuda", cfg.precision, reasons[cfg.precision])
+
+
+def _cpu_auto(tokens: float | None) -> Runtime:
+    if not cpu_has_bf16():
+        return Runtime("cpu", "fp32", "auto: fp32 (this CPU has no native bf16)")
+    if tokens is None or tokens < CPU_BF16_MIN_TOKENS:
+        size = "" if tokens is None else f", not {tokens:,.0f}"
+        reason = (
+            f"auto: fp32 (bf16 autocast pays on this CPU from about {CPU_BF16_MIN_TOKENS:,} "
+            f"tokens per micro-batch{size})"
+        )
+        return Runtime("cpu", "fp32", reason)
+    bound_onednn_caches()
+    reason = (
+        f"auto: bf16 autocast (this CPU has native bf16, and micro-batches of {tokens:,.0f} "
+        "tokens on average repay it; precision=fp32 to opt out)"
+    )
+    return Runtime("cpu", "bf16", reason)
 
 
 ARCH_DIR = Path(__file__).parent / "archs"

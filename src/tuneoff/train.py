@@ -351,18 +351,18 @@ def run_arm(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     from accelerate.utils import set_seed
 
     started = time.perf_counter()
-    runtime = choose_runtime(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    splits, manifest = read_splits(run_dir / "splits")
+    data, counts = {}, {}
+    for name, records in splits.items():
+        data[name], counts[name] = tokenize_split(records, tokenizer, cfg)
+    runtime = choose_runtime(cfg, micro_batch_tokens(data["train"], cfg.batch_size))
     log.info("device %s, precision %s (%s)", runtime.device, runtime.precision, runtime.reason)
     accelerator = Accelerator(cpu=runtime.device == "cpu", mixed_precision=runtime.mixed_precision)
     budget = apply_memory_budget(cfg, runtime)
     arm_dir = run_dir / cfg.method
     arm_dir.mkdir(parents=True, exist_ok=True)
     write_yaml(cfg, arm_dir / "config.yaml")
-    tokenizer = load_tokenizer(cfg.model)
-    splits, manifest = read_splits(run_dir / "splits")
-    data, counts = {}, {}
-    for name, records in splits.items():
-        data[name], counts[name] = tokenize_split(records, tokenizer, cfg)
     set_seed(cfg.seed)
     model = load_model(cfg.model)
     set_seed(cfg.seed)  # adapters are initialized from this seed in every arm
@@ -399,6 +399,13 @@ def run_arm(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     if accelerator.is_main_process:
         (arm_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def micro_batch_tokens(examples: list[Example], batch_size: int) -> float | None:
+    """Mean tokens of a micro-batch of these examples (what CPU `precision=auto` weighs)."""
+    if not examples:
+        return None
+    return sum(len(e.input_ids) for e in examples) / len(examples) * min(batch_size, len(examples))
 
 
 def apply_memory_budget(cfg: Config, runtime: Runtime) -> int | None:
