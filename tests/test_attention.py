@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import pytest
@@ -136,6 +137,39 @@ def test_cpu_per_example_attention_runs_in_fp32_under_bf16():
         assert out.dtype == torch.bfloat16 and out.shape == reference.shape
         assert torch.allclose(out.float(), reference, atol=0.05)
     assert set(seen) == {(torch.float32, torch.float32, torch.float32, False)}
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["bf16", "fp32-query-key"])
+def test_cpu_per_example_attention_keeps_half_precision_inputs_narrow(mixed):
+    """Autograd keeps the fp32 copies of bf16 inputs in bf16 (exact): fewer bytes alive after the
+    forward, and outputs and gradients bit for bit those of keeping the fp32 copies, as happens
+    inside another saved-tensor hook (gradient checkpointing's)."""
+    from tuneoff.measure import TensorMemory
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(1, 4, 30, 8), (1, 2, 30, 8), (1, 2, 30, 8)]
+    base = [torch.randn(*shape, generator=gen) for shape in shapes]
+    base = [t if mixed and i < 2 else t.bfloat16() for i, t in enumerate(base)]
+    segments = [[(0, 12), (12, 30)]]
+    grad = torch.randn(1, 30, 4, 8, generator=gen).bfloat16()
+
+    def run(outer_hook: bool):
+        inputs = [t.clone().requires_grad_() for t in base]
+        outer = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+        with TensorMemory(existing=tuple(inputs)) as memory:
+            with outer if outer_hook else contextlib.nullcontext():
+                out = attention._sdpa_per_example(*inputs, segments, 8**-0.5, 0.0)
+            alive = memory.current  # the output and what autograd keeps for backward
+        out.backward(grad)
+        return out, [t.grad for t in inputs], alive
+
+    wide_out, wide_grads, wide_bytes = run(outer_hook=True)
+    out, grads, narrow_bytes = run(outer_hook=False)
+    assert torch.equal(out, wide_out)
+    for a, b in zip(grads, wide_grads, strict=True):
+        assert torch.equal(a, b)
+    narrowed = sum(t.numel() * 2 for i, t in enumerate(base) if not (mixed and i < 2))
+    assert narrow_bytes == wide_bytes - narrowed  # each narrowed input: 2 bytes fewer per value
 
 
 @pytest.mark.gpu

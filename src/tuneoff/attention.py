@@ -168,10 +168,18 @@ def _sdpa_per_example(query, key, value, segments, scaling, dropout) -> torch.Te
     gqa = key.shape[1] != query.shape[1]
     dtype = value.dtype  # under autocast, rotary embeddings leave query and key in fp32
     cpu = query.device.type == "cpu"
+    widened: dict[int, torch.dtype] = {}  # fp32 copies' storages -> the dtype they came from
     if cpu and any(x.dtype != torch.float32 for x in (query, key, value)):
-        query, key, value = (x.float() for x in (query, key, value))
+        inputs = (query, key, value)
+        query, key, value = (x.float() for x in inputs)
+        for low, wide in zip(inputs, (query, key, value)):
+            if low.dtype != torch.float32:
+                widened[wide.untyped_storage().data_ptr()] = low.dtype
     rows = []
-    with torch.autocast("cpu", enabled=False) if cpu else contextlib.nullcontext():
+    with (
+        torch.autocast("cpu", enabled=False) if cpu else contextlib.nullcontext(),
+        _saved_narrow(widened),
+    ):
         for b, row in enumerate(segments):
             lengths = [e - s for s, e in row]
             pieces = zip(*(x[b : b + 1].split(lengths, dim=2) for x in (query, key, value)))
@@ -184,6 +192,25 @@ def _sdpa_per_example(query, key, value, segments, scaling, dropout) -> torch.Te
             rows.append(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0].contiguous())
     out = torch.cat(rows) if len(rows) > 1 else rows[0]
     return out.to(dtype)
+
+
+def _saved_narrow(widened: dict[int, torch.dtype]) -> Any:
+    """While the fp32 kernel runs on fp32 copies of half-precision inputs, autograd keeps those
+    inputs for backward in their own dtype (an exact round trip) instead of fp32: half the bytes
+    of query, key and value per layer. Not inside another saved-tensor hook (gradient
+    checkpointing's), which must see every tensor itself."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if not widened or not torch.is_grad_enabled() or top is None or top(False) is not None:
+        return contextlib.nullcontext()
+
+    def pack(t: torch.Tensor) -> Any:
+        low = widened.get(t.untyped_storage().data_ptr()) if t.dtype == torch.float32 else None
+        return t if low is None else (t.to(low),)
+
+    def unpack(saved: Any) -> torch.Tensor:
+        return saved[0].float() if isinstance(saved, tuple) else saved
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
 @functools.cache
