@@ -58,7 +58,7 @@ def bound_onednn_caches() -> None:
 
 # Mean tokens per micro-batch from which `precision=auto` takes bf16 autocast on a CPU with
 # native bf16. Measured on the tiny Qwen2 (AMD EPYC, AVX512-BF16, one thread, bf16 / fp32 speed):
-# 0.94 at ~420 tokens (16 short embedded examples), 1.07-1.19 at ~650, 1.28-1.32 at ~1,300
+# 0.94 at ~420 tokens (16 short embedded examples), 1.07-1.19 at ~650, 1.28-1.56 at ~1,300
 # and ~2,600 (alpaca-like lengths). oneDNN builds a primitive for each new matrix shape, which
 # small micro-batches do not repay.
 CPU_BF16_MIN_TOKENS = 1024
