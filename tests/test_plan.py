@@ -131,7 +131,7 @@ def test_packed_prediction_within_10_percent_on_cpu(method, runtime, fast):
         assert predicted[key] == pytest.approx(measured[key], rel=0.10, abs=1024), key
     step = ["activations", "logits_and_loss"]
     total_p = sum(predicted[k] for k in [*step, "autocast_copies"])
-    assert total_p == pytest.approx(sum(measured[k] for k in step), rel=0.10)
+    assert total_p == pytest.approx(sum(measured[k] for k in step), rel=0.02)  # traced
     if runtime.precision == "fp32":
         assert predicted["autocast_copies"] == 0
         for key in step:

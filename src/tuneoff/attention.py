@@ -194,13 +194,19 @@ def _sdpa_per_example(query, key, value, segments, scaling, dropout) -> torch.Te
     return out.to(dtype)
 
 
+def saves_narrow() -> bool:
+    """Whether `_sdpa_per_example` would keep half-precision inputs narrow here: grad enabled,
+    and no saved-tensor hook active (checked through a private torch function; without it, no)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return torch.is_grad_enabled() and top is not None and top(False) is None
+
+
 def _saved_narrow(widened: dict[int, torch.dtype]) -> Any:
     """While the fp32 kernel runs on fp32 copies of half-precision inputs, autograd keeps those
     inputs for backward in their own dtype (an exact round trip) instead of fp32: half the bytes
     of query, key and value per layer. Not inside another saved-tensor hook (gradient
     checkpointing's), which must see every tensor itself."""
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    if not widened or not torch.is_grad_enabled() or top is None or top(False) is not None:
+    if not widened or not saves_narrow():
         return contextlib.nullcontext()
 
     def pack(t: torch.Tensor) -> Any:

@@ -94,8 +94,8 @@ class _MetaFlashAttention(torch.autograd.Function):
     (where torch would otherwise trace the math kernel and its T x T attention matrix)."""
 
     @staticmethod
-    def forward(ctx, q, k, v):
-        out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+    def forward(ctx, q, k, v, out_dtype=None):
+        out = q.new_empty(q.shape[:-1] + (v.shape[-1],), dtype=out_dtype or q.dtype)
         lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
         ctx.save_for_backward(q, k, v, out, lse)
         return out
@@ -103,7 +103,7 @@ class _MetaFlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q, k, v, _, _ = ctx.saved_tensors
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), None
 
 
 def _meta_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
@@ -114,8 +114,16 @@ def _meta_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=No
 
 
 def _meta_sdpa_fp32(q, k, v, *args, **kwargs):
-    """What attention.py runs for packed rows on CPU under bf16: fp32 copies in, bf16 out."""
-    return _MetaFlashAttention.apply(q.float(), k.float(), v.float()).to(v.dtype)
+    """What attention.py runs for packed rows on CPU under bf16: fp32 copies in (alive during
+    the call), fp32 out cast to bf16; autograd keeps the inputs in their own dtype unless
+    another saved-tensor hook is active (`attention._saved_narrow`)."""
+    wide = [t.float() for t in (q, k, v)]
+    if attention.saves_narrow():
+        out = _MetaFlashAttention.apply(q, k, v, torch.float32)
+    else:
+        out = _MetaFlashAttention.apply(*wide)
+    del wide
+    return out.to(v.dtype)
 
 
 class _AutocastOnMeta(torch.overrides.TorchFunctionMode):
