@@ -100,11 +100,16 @@ def choose_runtime(cfg: Config, tokens_per_micro_batch: float | None = None) -> 
 def _cpu_auto(tokens: float | None) -> Runtime:
     if not cpu_has_bf16():
         return Runtime("cpu", "fp32", "auto: fp32 (this CPU has no native bf16)")
-    if tokens is None or tokens < CPU_BF16_MIN_TOKENS:
-        size = "" if tokens is None else f", not {tokens:,.0f}"
+    if tokens is None:  # no data weighed (a plan): say what a run would choose
+        reason = (
+            f"auto: fp32 here; a run takes bf16 autocast on this CPU when its micro-batches "
+            f"average {CPU_BF16_MIN_TOKENS:,}+ tokens (precision=bf16 to plan that)"
+        )
+        return Runtime("cpu", "fp32", reason)
+    if tokens < CPU_BF16_MIN_TOKENS:
         reason = (
             f"auto: fp32 (bf16 autocast pays on this CPU from about {CPU_BF16_MIN_TOKENS:,} "
-            f"tokens per micro-batch{size})"
+            f"tokens per micro-batch, not {tokens:,.0f})"
         )
         return Runtime("cpu", "fp32", reason)
     bound_onednn_caches()
