@@ -277,12 +277,9 @@ def compile_model(model: torch.nn.Module) -> None:
     those frames fall back to eager after a few steps."""
     import torch._dynamo
 
-    name = (
-        "recompile_limit"
-        if hasattr(torch._dynamo.config, "recompile_limit")
-        else ("cache_size_limit")
-    )
-    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), 64))
     model.compile()
 
 
