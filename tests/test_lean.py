@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 
 import pytest
 import torch
 from conftest import tiny_qwen2_config
 
+from tuneoff import lean as lean_module
 from tuneoff.config import Config
 from tuneoff.lean import (
     DropoutLinear,
+    SavedTensors,
     _DropoutLinear,
     _RMSNorm,
     _SwiGLU,
@@ -18,6 +21,7 @@ from tuneoff.lean import (
     unpack_bits,
     use_lean_activations,
 )
+from tuneoff.measure import TensorMemory
 from tuneoff.model import Runtime, prepare_model
 
 ARCHS = ["qwen2", "qwen3", "llama", "mistral", "granite", "olmo2"]
@@ -275,3 +279,87 @@ def test_checkpointed_layers_recompute_the_same_masks_and_gradients(method, fast
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_saved_tensors_keep_one_cast_of_a_source_and_recompute_a_product():
+    """Under autocast with fp32 weights each linear casts its input itself: `SavedTensors`
+    keeps one half-precision copy per source tensor, and a `recomputed` product as its recipe;
+    the gradients are bitwise those of the stock saves."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 16, generator=gen, requires_grad=True)
+    w = [torch.randn(16, 16, generator=gen, requires_grad=True) for _ in range(3)]
+
+    def forward(saved: SavedTensors | None) -> torch.Tensor:
+        with saved or nullcontext(), torch.autocast("cpu", dtype=torch.bfloat16):
+            h = x * 1.5  # fp32: the source that both linears cast
+            a, b = torch.nn.functional.linear(h, w[0]), torch.nn.functional.linear(h, w[1])
+            product = a * b
+            with saved.recomputed(product, torch.mul, a, b) if saved else nullcontext():
+                return torch.nn.functional.linear(product, w[2])
+
+    def run(saved: SavedTensors | None) -> tuple[int, list[torch.Tensor]]:
+        with TensorMemory() as memory:
+            out = forward(saved)
+            kept = memory.current  # what autograd keeps, and out
+        out.float().pow(2).sum().backward()
+        grads = [t.grad.clone() for t in (x, *w)]
+        for t in (x, *w):
+            t.grad = None
+        return kept, grads
+
+    stock_bytes, stock = run(None)
+    lean_bytes, grads = run(SavedTensors())
+    # one bf16 copy of h (6 x 16) and the bf16 product (6 x 16) fewer
+    assert stock_bytes - lean_bytes == 2 * 6 * 16 * 2
+    for expected, got in zip(stock, grads):
+        assert torch.equal(expected, got)
+
+
+def test_full_model_under_cpu_autocast_keeps_fewer_bytes_with_the_same_gradients(monkeypatch):
+    """A whole tiny model, full fine-tuning under CPU bf16 autocast (fp32 weights): the shared
+    casts of the q/k/v and gate/up inputs and the recomputed SwiGLU product save their bytes;
+    loss and every gradient are bitwise those without them."""
+    cfg = Config(method="full")
+    runtime = Runtime("cpu", "bf16", "test")
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    results = []
+    for shared in (False, True):
+        if not shared:
+            monkeypatch.setattr(lean_module, "_cast_source", lambda node: None)
+            monkeypatch.setattr(SavedTensors, "recomputed", lambda self, *a: nullcontext())
+        model = prepare_model(tiny_model("qwen2"), cfg, runtime).train()
+        with TensorMemory(model, (ids,)) as memory:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = loss_of(model, ids)
+            kept = memory.current
+            loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        results.append((kept, loss.detach(), grads))
+        monkeypatch.undo()
+    (stock_bytes, stock_loss, stock), (lean_bytes, lean_loss, grads) = results
+    assert torch.equal(stock_loss, lean_loss)
+    assert stock.keys() == grads.keys()
+    for name in stock:
+        assert torch.equal(stock[name], grads[name]), name
+    hidden, inter, layers = 32, 64, 2
+    # per layer and token, in bf16: two of three q/k/v input copies, one of two gate/up input
+    # copies, the SwiGLU product
+    assert stock_bytes - lean_bytes == layers * ids.numel() * (3 * hidden + inter) * 2
+
+
+def test_saved_tensors_step_aside_for_another_hook():
+    """Inside another saved-tensor hook (checkpointing's, a profiler's) the model's forward
+    does not push its own: the outer hook sees every saved tensor."""
+    model = prepare_model(tiny_model("qwen2"), Config(method="full"), Runtime("cpu", "fp32", "t"))
+    model.train()
+    inside = []
+    model.model.layers[0].mlp.register_forward_hook(
+        lambda *_: inside.append(lean_module.active_saved_tensors())
+    )
+    ids = torch.randint(0, 128, (1, 8))
+    loss_of(model, ids)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        loss_of(model, ids)
+    with torch.no_grad():
+        loss_of(model, ids)
+    assert isinstance(inside[0], SavedTensors) and inside[1:] == [None, None]

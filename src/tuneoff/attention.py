@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from tuneoff import lean
+
 log = logging.getLogger(__name__)
 
 NAME = "tuneoff_varlen"
@@ -168,13 +170,17 @@ def _sdpa_per_example(query, key, value, segments, scaling, dropout) -> torch.Te
     gqa = key.shape[1] != query.shape[1]
     dtype = value.dtype  # under autocast, rotary embeddings leave query and key in fp32
     cpu = query.device.type == "cpu"
+    if cpu and torch.is_autocast_enabled("cpu"):  # sdpa would run on inputs in this dtype
+        low = torch.get_autocast_dtype("cpu")
+        query, key, value = (x.to(low) for x in (query, key, value))
+        dtype = low
     widened: dict[int, torch.dtype] = {}  # fp32 copies' storages -> the dtype they came from
     if cpu and any(x.dtype != torch.float32 for x in (query, key, value)):
         inputs = (query, key, value)
         query, key, value = (x.float() for x in inputs)
         for low, wide in zip(inputs, (query, key, value)):
             if low.dtype != torch.float32:
-                widened[wide.untyped_storage().data_ptr()] = low.dtype
+                widened[wide.untyped_storage()._cdata] = low.dtype
     rows = []
     with (
         torch.autocast("cpu", enabled=False) if cpu else contextlib.nullcontext(),
@@ -196,9 +202,10 @@ def _sdpa_per_example(query, key, value, segments, scaling, dropout) -> torch.Te
 
 def saves_narrow() -> bool:
     """Whether `_sdpa_per_example` would keep half-precision inputs narrow here: grad enabled,
-    and no saved-tensor hook active (checked through a private torch function; without it, no)."""
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return torch.is_grad_enabled() and top is not None and top(False) is None
+    and either no saved-tensor hook active or lean activations' own (`lean.SavedTensors`)."""
+    if not torch.is_grad_enabled():
+        return False
+    return lean.active_saved_tensors() is not None or lean.top_saved_hooks() is None
 
 
 def _saved_narrow(widened: dict[int, torch.dtype]) -> Any:
@@ -208,15 +215,8 @@ def _saved_narrow(widened: dict[int, torch.dtype]) -> Any:
     checkpointing's), which must see every tensor itself."""
     if not widened or not saves_narrow():
         return contextlib.nullcontext()
-
-    def pack(t: torch.Tensor) -> Any:
-        low = widened.get(t.untyped_storage().data_ptr()) if t.dtype == torch.float32 else None
-        return t if low is None else (t.to(low),)
-
-    def unpack(saved: Any) -> torch.Tensor:
-        return saved[0].float() if isinstance(saved, tuple) else saved
-
-    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+    saved = lean.active_saved_tensors()
+    return lean.SavedTensors(widened) if saved is None else saved.narrowed(widened)
 
 
 @functools.cache

@@ -19,6 +19,13 @@ an autograd function that saves only what cannot be recomputed in one elementwis
   the masks are the same draws as `FastDropout`'s (numpy, seeded from torch), so losses equal
   those without lean activations.
 
+- Saved tensors (`SavedTensors`, saved-tensor hooks around the model's training forward):
+  a cast that several layers make of the same tensor is kept once (under autocast with fp32
+  weights, q, k and v each cast the same normalized input, and so do gate and up); the SwiGLU
+  product that down_proj keeps for its weight gradient is recomputed from gate and up, which
+  are kept anyway; the fp32 copies that the CPU attention kernel makes of bf16 inputs are kept
+  in bf16 (`attention.py`). Each is exact: the same values are unpacked in backward.
+
 Only modules whose forward is known to be the pattern above are swapped (class names below);
 every other module and model keeps its own forward. Outside training (no grad) the stock
 computation runs. `lean_activations=false` switches all of this off for an ablation.
@@ -45,6 +52,7 @@ RMS_NORMS = ("Qwen2RMSNorm", "Qwen3RMSNorm", "LlamaRMSNorm", "MistralRMSNorm", "
 def use_lean_activations(model: torch.nn.Module, fast_masks: bool = False) -> dict[str, int]:
     """Swap in the lean forwards where a module matches; returns how many of each kind."""
     counts = {"swiglu": 0, "rms_norm": 0, "lora_dropout": 0}
+    model.forward = types.MethodType(_forward_saving_lean, model)
     for module in model.modules():
         name = type(module).__name__
         if name in SWIGLU_MLPS and _is_silu(getattr(module, "act_fn", None)):
@@ -67,7 +75,17 @@ def _is_silu(act: Any) -> bool:
 def _swiglu_mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not torch.is_grad_enabled():
         return type(self).forward(self, x)  # the class's own forward
-    return self.down_proj(_SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    product = _SwiGLU.apply(gate, up)
+    saved = active_saved_tensors()
+    if saved is None:
+        return self.down_proj(product)
+    with saved.recomputed(product, _swiglu_product, gate, up):  # down_proj's weight gradient
+        return self.down_proj(product)
+
+
+def _swiglu_product(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up  # the kernels of `_SwiGLU.forward`: bitwise the same product
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -76,7 +94,7 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
+        return _swiglu_product(gate, up)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -87,6 +105,155 @@ class _SwiGLU(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
         return grad_gate, grad_up
+
+
+# --------------------------------------------------------------------------- saved tensors
+
+
+def _forward_saving_lean(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The model's own forward, under `SavedTensors` while training. Not when compiled (no
+    saved-tensor hooks in a graph) nor inside another hook (gradient checkpointing of the
+    whole model, a profiler's), which must see every saved tensor itself."""
+    forward = type(self).forward
+    if not (self.training and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+        return forward(self, *args, **kwargs)
+    if top_saved_hooks() is not None:
+        return forward(self, *args, **kwargs)
+    with SavedTensors():
+        return forward(self, *args, **kwargs)
+
+
+def top_saved_hooks() -> Any:
+    """The innermost saved-tensor hooks now active (pack, unpack), or None; through a private
+    torch function (without it: a sentinel, as if another hook were active)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top(False) if top is not None else (None, None)
+
+
+_ACTIVE: list[SavedTensors] = []
+
+
+def active_saved_tensors() -> SavedTensors | None:
+    """The `SavedTensors` that would see a tensor saved now: entered, and not shadowed by a
+    hook pushed inside it (checkpointing's)."""
+    if not _ACTIVE or not torch.is_grad_enabled():
+        return None
+    top = top_saved_hooks()
+    return _ACTIVE[-1] if top is not None and top[0] is _ACTIVE[-1].pack else None
+
+
+class SavedTensors:
+    """Saved-tensor hooks that keep fewer bytes for backward, every value unpacked exact:
+    - a cast (`ToCopyBackward0`) of a tensor to a dtype, shape and layout already cast and
+      saved in this forward is kept as that first cast: with fp32 weights under autocast, each
+      linear layer casts its input itself, so q, k and v kept three half-precision copies of
+      one normalized input and gate and up two;
+    - a tensor `recomputed` names is kept as the recipe that makes it again (the SwiGLU
+      product, recomputed from gate and up for down_proj's weight gradient);
+    - views of a tensor `narrowed` names (an fp32 copy of a half-precision tensor) are kept in
+      that dtype and widened again: an exact round trip.
+    """
+
+    def __init__(self, narrow: dict[int, torch.dtype] | None = None) -> None:
+        self.casts: dict[tuple, torch.Tensor] = {}
+        self.recipes: list[tuple[torch.Tensor, Any, tuple]] = []
+        self.narrow = dict(narrow or {})  # storage `_cdata` -> the dtype of its source
+        self.pack = self._pack  # one bound method: `active_saved_tensors` compares identity
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, _unpack)
+
+    def __enter__(self) -> SavedTensors:
+        self._hooks.__enter__()
+        _ACTIVE.append(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _ACTIVE.pop()
+        self.casts.clear()
+        self._hooks.__exit__(*exc)
+
+    @contextlib.contextmanager
+    def recomputed(self, tensor: torch.Tensor, fn: Any, *args: torch.Tensor):
+        """While active, a save of `tensor` (contiguous), or of a view of it, keeps `fn` and
+        `args` (kept anyway) instead, and the view's layout."""
+        if not tensor.is_contiguous() or tensor.storage_offset():
+            yield
+            return
+        self.recipes.append((tensor, fn, args))
+        try:
+            yield
+        finally:
+            self.recipes.pop()
+
+    @contextlib.contextmanager
+    def narrowed(self, widened: dict[int, torch.dtype]):
+        """While active, views of these storages (`_cdata` -> source dtype) are kept narrow."""
+        self.narrow.update(widened)
+        try:
+            yield
+        finally:
+            for key in widened:
+                self.narrow.pop(key, None)
+
+    def _pack(self, t: torch.Tensor) -> Any:
+        if self.narrow and t.dtype == torch.float32:
+            low = self.narrow.get(t.untyped_storage()._cdata)
+            if low is not None:
+                return ("narrow", t.to(low))
+        if self.recipes:
+            storage = t.untyped_storage()._cdata
+            for tensor, fn, args in self.recipes:
+                if storage == tensor.untyped_storage()._cdata and t.dtype == tensor.dtype:
+                    return ("recompute", fn, args, t.shape, t.stride(), t.storage_offset())
+        source = _cast_source(t.grad_fn)
+        if source is not None:
+            key = (*source, t.dtype, t.shape, t.stride(), t.storage_offset())
+            first = self.casts.setdefault(key, t)
+            if first is not t:
+                return ("same", first)
+        return t
+
+
+# Autograd nodes of views: a tensor reached from a cast through these holds the cast's values.
+_VIEWS = frozenset(
+    f"{name}Backward0"
+    for name in (
+        "View",
+        "UnsafeView",
+        "T",
+        "Transpose",
+        "Permute",
+        "Expand",
+        "Unsqueeze",
+        "Squeeze",
+        "Slice",
+        "Select",
+        "AsStrided",
+        "Reshape",
+        "Alias",
+    )
+)
+
+
+def _cast_source(node: Any) -> tuple[Any, int] | None:
+    """(node, output index) of the tensor that a cast, seen through views, was made from; two
+    saved tensors with the same source, dtype and layout hold the same values."""
+    while node is not None and type(node).__name__ in _VIEWS and len(node.next_functions) == 1:
+        node = node.next_functions[0][0]
+    if node is None or type(node).__name__ != "ToCopyBackward0":
+        return None
+    source, index = node.next_functions[0]
+    return None if source is None else (source, index)
+
+
+def _unpack(saved: Any) -> torch.Tensor:
+    if not isinstance(saved, tuple):
+        return saved
+    if saved[0] == "narrow":
+        return saved[1].float()
+    if saved[0] == "recompute":
+        _, fn, args, shape, stride, offset = saved
+        return fn(*args).as_strided(shape, stride, offset)
+    return saved[1]
 
 
 # --------------------------------------------------------------------------- RMSNorm

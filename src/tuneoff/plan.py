@@ -116,7 +116,11 @@ def _meta_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=No
 def _meta_sdpa_fp32(q, k, v, *args, **kwargs):
     """What attention.py runs for packed rows on CPU under bf16: fp32 copies in (alive during
     the call), fp32 out cast to bf16; autograd keeps the inputs in their own dtype unless
-    another saved-tensor hook is active (`attention._saved_narrow`)."""
+    another saved-tensor hook is active (`attention._saved_narrow`). Under autocast, fp32
+    inputs (query and key of fp32 weights) are first rounded to its dtype, as sdpa's are."""
+    half = loss.META_AUTOCAST
+    if half is not None:
+        q, k, v = (t.to(half) if t.dtype == torch.float32 else t for t in (q, k, v))
     wide = [t.float() for t in (q, k, v)]
     if attention.saves_narrow():
         out = _MetaFlashAttention.apply(q, k, v, torch.float32)
