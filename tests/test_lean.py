@@ -315,21 +315,22 @@ def test_saved_tensors_keep_one_cast_of_a_source_and_recompute_a_product():
         assert torch.equal(expected, got)
 
 
-def test_full_model_under_cpu_autocast_keeps_fewer_bytes_with_the_same_gradients(monkeypatch):
-    """A whole tiny model, full fine-tuning under CPU bf16 autocast (fp32 weights): the shared
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, CUDA])])
+def test_full_model_under_autocast_keeps_fewer_bytes_with_the_same_gradients(monkeypatch, device):
+    """A whole tiny model, full fine-tuning under bf16 autocast (fp32 weights): the shared
     casts of the q/k/v and gate/up inputs and the recomputed SwiGLU product save their bytes;
     loss and every gradient are bitwise those without them."""
     cfg = Config(method="full")
-    runtime = Runtime("cpu", "bf16", "test")
-    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    runtime = Runtime(device, "bf16", "test")
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1)).to(device)
     results = []
     for shared in (False, True):
         if not shared:
             monkeypatch.setattr(lean_module, "_cast_source", lambda node: None)
             monkeypatch.setattr(SavedTensors, "recomputed", lambda self, *a: nullcontext())
-        model = prepare_model(tiny_model("qwen2"), cfg, runtime).train()
+        model = prepare_model(tiny_model("qwen2").to(device), cfg, runtime).train()
         with TensorMemory(model, (ids,)) as memory:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(device, dtype=torch.bfloat16):
                 loss = loss_of(model, ids)
             kept = memory.current
             loss.backward()
@@ -363,3 +364,16 @@ def test_saved_tensors_step_aside_for_another_hook():
     with torch.no_grad():
         loss_of(model, ids)
     assert isinstance(inside[0], SavedTensors) and inside[1:] == [None, None]
+
+
+@pytest.mark.parametrize(
+    "method,targets,hooked",
+    [("full", None, 1), ("lora", ["q_proj", "v_proj"], 0), ("lora", ["q_proj", "down_proj"], 1)],
+)
+def test_saved_tensors_hooks_only_where_weight_inputs_are_kept(method, targets, hooked):
+    """Frozen base weights keep no inputs for their gradients: with adapters on attention only
+    there is nothing to share or recompute, and the hooks (a Python call per saved tensor)
+    are left out; full fine-tuning and an adapter on down_proj get them."""
+    cfg = Config(method=method, lora_target_modules=targets or Config().lora_target_modules)
+    model = prepare_model(tiny_model("qwen2"), cfg.replace(lean_activations=False))
+    assert lean_module.use_lean_activations(model)["saved_tensors"] == hooked

@@ -51,8 +51,10 @@ RMS_NORMS = ("Qwen2RMSNorm", "Qwen3RMSNorm", "LlamaRMSNorm", "MistralRMSNorm", "
 
 def use_lean_activations(model: torch.nn.Module, fast_masks: bool = False) -> dict[str, int]:
     """Swap in the lean forwards where a module matches; returns how many of each kind."""
-    counts = {"swiglu": 0, "rms_norm": 0, "lora_dropout": 0}
-    model.forward = types.MethodType(_forward_saving_lean, model)
+    counts = {"swiglu": 0, "rms_norm": 0, "lora_dropout": 0, "saved_tensors": 0}
+    if _saves_weight_inputs(model):  # else nothing for `SavedTensors` to share or recompute
+        model.forward = types.MethodType(_forward_saving_lean, model)
+        counts["saved_tensors"] = 1
     for module in model.modules():
         name = type(module).__name__
         if name in SWIGLU_MLPS and _is_silu(getattr(module, "act_fn", None)):
@@ -63,6 +65,23 @@ def use_lean_activations(model: torch.nn.Module, fast_masks: bool = False) -> di
             counts["rms_norm"] += 1
         counts["lora_dropout"] += _lean_lora_dropout(module, fast_masks)
     return counts
+
+
+def _saves_weight_inputs(model: torch.nn.Module) -> bool:
+    """Does some linear layer other than a LoRA adapter's own train (full fine-tuning), or
+    does an adapter sit on down_proj? Only then does autograd keep the inputs that
+    `SavedTensors` shares or recomputes; otherwise its hooks would cost time (about 1 us per
+    saved tensor, ~1,000 per micro-batch of a 1.5B model) for nothing."""
+    adapters = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"}
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if adapters.intersection(parts):  # an adapter's own linear: its input is kept anyway
+            continue
+        if isinstance(module, torch.nn.Linear) and module.weight.requires_grad:
+            return True
+        if parts[-1] == "down_proj" and any(p.requires_grad for p in module.parameters()):
+            return True
+    return False
 
 
 def _is_silu(act: Any) -> bool:
