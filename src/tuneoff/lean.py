@@ -367,9 +367,8 @@ class DropoutLinear(torch.nn.Linear):
         else:  # reproducible under torch.manual_seed, and replayed by checkpointing
             seed = int(torch.randint(0, 2**62, ()))
             keep = _seeded_mask(x.shape, x.device, self.p, seed)
-        off = torch.autocast(device, enabled=False) if device in ("cpu", "cuda") else None
-        with off or contextlib.nullcontext():  # computes in `dtype` with explicit casts
-            return _DropoutLinear.apply(x, self.weight, self.bias, keep, seed, self.p, dtype)
+        # Casts are explicit: under autocast `dtype` is its dtype, so it casts nothing more.
+        return _DropoutLinear.apply(x, self.weight, self.bias, keep, seed, self.p, dtype)
 
 
 _GENERATORS: dict[torch.device, torch.Generator] = {}
