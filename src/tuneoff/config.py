@@ -101,7 +101,8 @@ class Config:
     # block-diagonal mask over rows of about max_seq_len)
     packed_attention: str = "varlen"
     fast_dropout: bool = True  # CPU: LoRA dropout masks from numpy's SFC64 (false: torch's)
-    # recompute SwiGLU, RMSNorm and LoRA-dropout intermediates in backward (`lean.py`)
+    # recompute SwiGLU, RMSNorm and LoRA-dropout intermediates in backward, keep one copy of
+    # alike casts (`lean.py`)
     lean_activations: bool = True
     group_by_length: bool = False  # batches of similar lengths (less padding with longest)
     compile: bool = False  # torch.compile the model
