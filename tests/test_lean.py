@@ -15,7 +15,9 @@ from tuneoff.lean import (
     DropoutLinear,
     SavedTensors,
     _DropoutLinear,
+    _LoRALinear,
     _RMSNorm,
+    _seeded_mask,
     _SwiGLU,
     pack_bits,
     unpack_bits,
@@ -157,6 +159,58 @@ def test_autograd_functions_gradcheck():
     x, keep = x[:, :, :4].detach().requires_grad_(), keep[:, :, :4]  # 24 elements: bit-packed
     weight = weight[:, :4].detach().requires_grad_()
     assert torch.autograd.gradcheck(dropout_linear, (x, weight, bias))
+
+
+@pytest.mark.parametrize("masks", ["bits", "seed"])
+def test_fused_lora_linear_gradcheck_and_value(masks):
+    """`_LoRALinear` is base(x) + scale * B(A(x * keep / (1 - p))): its value against that
+    formula, its gradients (x, A, B) by finite differences, the base frozen; the mask kept in
+    bits (24 elements) or drawn again from its seed in backward."""
+    gen = torch.Generator().manual_seed(0)
+    kw = dict(dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, 4, **kw, generator=gen)
+    weight, bias = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    a, b = torch.randn(2, 4, **kw, generator=gen), torch.randn(5, 2, **kw, generator=gen)
+    seed = 1234 if masks == "seed" else None
+    keep = _seeded_mask(x.shape, x.device, 0.3, 1234) if seed else torch.rand(2, 3, 4) > 0.3
+
+    def lora(x, a, b):
+        return _LoRALinear.apply(x, weight, bias, a, b, keep, seed, 0.3, 4.0, torch.float64)
+
+    expected = torch.nn.functional.linear(x, weight, bias) + 4.0 * (x * keep / 0.7) @ a.t() @ b.t()
+    torch.testing.assert_close(lora(x, a, b), expected)
+    assert torch.autograd.gradcheck(lora, (x, a, b))
+
+
+def test_fused_lora_only_in_the_plain_training_case(monkeypatch):
+    """The fused function runs for one active plain adapter while training; PEFT's own forward
+    in evaluation, with the adapter disabled or merged, and with two active adapters."""
+    from peft import LoraConfig
+
+    model = _lora(tiny_model("qwen2"), True, Runtime("cpu", "fp32", "test"))
+    calls = []
+    original = _LoRALinear.apply
+    monkeypatch.setattr(_LoRALinear, "apply", lambda *a: calls.append(1) or original(*a))
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+
+    def fused_calls(context=None) -> int:
+        calls.clear()
+        with context or nullcontext():
+            loss_of(model, ids)
+        return len(calls)
+
+    assert fused_calls() == 4 * 2  # q, k, v, o in two layers
+    model.eval()
+    assert fused_calls() == 0
+    model.train()
+    assert fused_calls(model.disable_adapter()) == 0
+    model.merge_adapter()
+    assert fused_calls() == 0
+    model.unmerge_adapter()
+    assert fused_calls() == 4 * 2
+    model.add_adapter("second", LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.1))
+    model.base_model.set_adapter(["default", "second"])
+    assert fused_calls() == 0
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
