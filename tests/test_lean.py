@@ -26,6 +26,8 @@ from tuneoff.lean import (
 from tuneoff.measure import TensorMemory
 from tuneoff.model import Runtime, prepare_model
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
 ARCHS = ["qwen2", "qwen3", "llama", "mistral", "granite", "olmo2"]
 
 
@@ -161,16 +163,20 @@ def test_autograd_functions_gradcheck():
     assert torch.autograd.gradcheck(dropout_linear, (x, weight, bias))
 
 
-@pytest.mark.parametrize("masks", ["bits", "seed"])
-def test_fused_lora_linear_gradcheck_and_value(masks):
+@pytest.mark.parametrize(
+    "masks,device",
+    [("bits", "cpu"), ("seed", "cpu"), pytest.param("seed", "cuda", marks=[pytest.mark.gpu, CUDA])],
+)
+def test_fused_lora_linear_gradcheck_and_value(masks, device):
     """`_LoRALinear` is base(x) + scale * B(A(x * keep / (1 - p))): its value against that
     formula, its gradients (x, A, B) by finite differences, the base frozen; the mask kept in
     bits (24 elements) or drawn again from its seed in backward."""
     gen = torch.Generator().manual_seed(0)
-    kw = dict(dtype=torch.float64, requires_grad=True)
-    x = torch.randn(2, 3, 4, **kw, generator=gen)
-    weight, bias = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
-    a, b = torch.randn(2, 4, **kw, generator=gen), torch.randn(5, 2, **kw, generator=gen)
+    kw = dict(dtype=torch.float64)
+    x = torch.randn(2, 3, 4, **kw, generator=gen).to(device).requires_grad_()
+    weight, bias = torch.randn(5, 4, **kw).to(device), torch.randn(5, **kw).to(device)
+    a = torch.randn(2, 4, **kw, generator=gen).to(device).requires_grad_()
+    b = torch.randn(5, 2, **kw, generator=gen).to(device).requires_grad_()
     seed = 1234 if masks == "seed" else None
     keep = _seeded_mask(x.shape, x.device, 0.3, 1234) if seed else torch.rand(2, 3, 4) > 0.3
 
@@ -211,9 +217,6 @@ def test_fused_lora_only_in_the_plain_training_case(monkeypatch):
     model.add_adapter("second", LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.1))
     model.base_model.set_adapter(["default", "second"])
     assert fused_calls() == 0
-
-
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 @pytest.mark.parametrize(
