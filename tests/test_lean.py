@@ -1,4 +1,4 @@
-"""Lean activations (`lean.py`): stock forward and gradients, fewer bytes saved for backward."""
+"""Lean activations (`lean.py`, `lora_layers.py`): stock forward and gradients, fewer bytes kept."""
 
 from __future__ import annotations
 
@@ -11,17 +11,14 @@ from conftest import tiny_qwen2_config
 
 from tuneoff import lean as lean_module
 from tuneoff.config import Config
-from tuneoff.lean import (
+from tuneoff.lean import SavedTensors, _RMSNorm, _SwiGLU, use_lean_activations
+from tuneoff.lora_layers import (
     DropoutLinear,
-    SavedTensors,
     _DropoutLinear,
     _LoRALinear,
-    _RMSNorm,
     _seeded_mask,
-    _SwiGLU,
     pack_bits,
     unpack_bits,
-    use_lean_activations,
 )
 from tuneoff.measure import TensorMemory
 from tuneoff.model import Runtime, prepare_model
@@ -263,7 +260,6 @@ def test_dropout_linear_saves_numpy_masks_in_bits_and_torch_masks_as_a_seed():
 def test_seeded_mask_is_drawn_again_identically_in_backward():
     """Forward and backward of the seed path use one mask: the same output and gradients as
     autograd through linear(x * keep / (1 - p)) with that mask, drawn here from the same seed."""
-    from tuneoff.lean import _seeded_mask
 
     layer = _dropout_linear(fast_masks=False, p=0.3)
     x = torch.randn(2, 5, 64, requires_grad=True)

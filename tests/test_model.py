@@ -111,7 +111,7 @@ def test_runtime_on_cuda_honours_fp16():
 
 
 def test_fast_dropout_masks_like_torch_and_is_seeded():
-    from tuneoff.lean import FastDropout
+    from tuneoff.lora_layers import FastDropout
 
     drop = FastDropout(0.1)
     x = torch.ones(500, 400, requires_grad=True)
@@ -130,7 +130,7 @@ def test_fast_dropout_masks_like_torch_and_is_seeded():
 
 
 def test_prepare_model_installs_fast_dropout_on_cpu_only_when_asked(tiny_model_dir):
-    from tuneoff.lean import FastDropout
+    from tuneoff.lora_layers import FastDropout
     from tuneoff.model import load_model, prepare_model
 
     def dropouts(fast: bool, device: str = "cpu") -> set[type]:

@@ -102,7 +102,7 @@ class Config:
     packed_attention: str = "varlen"
     fast_dropout: bool = True  # CPU: LoRA dropout masks from numpy's SFC64 (false: torch's)
     # recompute SwiGLU, RMSNorm and LoRA-dropout intermediates in backward, keep one copy of
-    # alike casts (`lean.py`)
+    # alike casts (`lean.py`, `lora_layers.py`)
     lean_activations: bool = True
     group_by_length: bool = False  # batches of similar lengths (less padding with longest)
     compile: bool = False  # torch.compile the model

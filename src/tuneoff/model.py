@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from tuneoff.config import Config, ConfigError
-from tuneoff.lean import use_fast_dropout, use_lean_activations
+from tuneoff.lean import use_lean_activations
+from tuneoff.lora_layers import use_fast_dropout
 
 log = logging.getLogger(__name__)
 

@@ -160,7 +160,7 @@ class _AutocastOnMeta(torch.overrides.TorchFunctionMode):
         self.cache: dict[int, torch.Tensor] = {}
 
     def __enter__(self):
-        loss.META_AUTOCAST = self.dtype  # lean.py and loss.py read the compute dtype here
+        loss.META_AUTOCAST = self.dtype  # lean, lora_layers, loss read the compute dtype
         return super().__enter__()
 
     def __exit__(self, *exc):
