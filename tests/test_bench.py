@@ -8,7 +8,8 @@ import json
 import pytest
 from conftest import tiny_qwen2_config
 
-from tuneoff.bench import ModelShape, model_flops, synthetic_examples
+from tuneoff.bench import synthetic_examples
+from tuneoff.bench_worker import ModelShape, model_flops
 from tuneoff.data import IGNORE, Example
 
 FIELDS = (
