@@ -84,20 +84,36 @@ def test_lean_model_matches_stock_forward_and_gradients(model_type):
         torch.testing.assert_close(lean(input_ids=ids).logits, stock(input_ids=ids).logits)
 
 
-def _lora(model: torch.nn.Module, lean: bool, runtime: Runtime) -> torch.nn.Module:
+def _lora(model: torch.nn.Module, lean: bool, runtime: Runtime, **targets) -> torch.nn.Module:
     cfg = Config(method="lora", lora_dropout=0.1, lean_activations=lean)
-    return prepare_model(model, cfg, runtime).train()
+    return prepare_model(model, cfg.replace(**targets), runtime).train()
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_lean_lora_equals_fast_dropout_on_cpu(precision):
-    """On CPU the lean lora_A draws FastDropout's masks: same losses and adapter gradients."""
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.mark.parametrize(
+    "precision,targets",
+    [("fp32", None), ("bf16", None), ("fp32", ALL_LINEAR), ("bf16", ALL_LINEAR)],
+    ids=["fp32", "bf16", "fp32-all-linear", "bf16-all-linear"],
+)
+def test_lean_lora_equals_fast_dropout_on_cpu(precision, targets):
+    """On CPU the lean lora_A draws FastDropout's masks: same losses and adapter gradients
+    (lora_B drawn at random so that lora_A's gradients are not zero), with adapters on
+    attention (the default) and on every linear layer (down_proj's input then recomputed)."""
     runtime = Runtime("cpu", precision, "test")
-    stock = _lora(tiny_model("qwen2"), False, runtime)
-    lean = _lora(tiny_model("qwen2"), True, runtime)
+    keys = {"lora_target_modules": targets} if targets else {}
+    stock = _lora(tiny_model("qwen2"), False, runtime, **keys)
+    lean = _lora(tiny_model("qwen2"), True, runtime, **keys)
+    adapters = len(targets or Config().lora_target_modules) * 2
     assert {type(m) for m in lean.modules() if isinstance(m, torch.nn.Linear)} >= {DropoutLinear}
-    assert sum(isinstance(m, DropoutLinear) for m in lean.modules()) == 4 * 2  # q,k,v,o x 2
+    assert sum(isinstance(m, DropoutLinear) for m in lean.modules()) == adapters
     assert stock.state_dict().keys() == lean.state_dict().keys()  # adapters save as before
+    gen = torch.Generator().manual_seed(3)
+    for name, p in stock.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.1
+    lean.load_state_dict(stock.state_dict())
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
     losses = []
     for model in (stock, lean):
@@ -105,12 +121,20 @@ def test_lean_lora_equals_fast_dropout_on_cpu(precision):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             losses.append(loss_of(model, ids))
         losses[-1].backward()
-    tol = dict(rtol=2e-2, atol=1e-4) if precision == "bf16" else dict(rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(losses[1], losses[0], **tol)
     grads = [{n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in (stock, lean)]
     assert grads[0].keys() == grads[1].keys() and grads[0]
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], **tol, msg=name)
+    if precision == "fp32":
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-7)
+        for name in grads[0]:
+            torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
+        return
+    # bf16: the two round at different points (the fused adapter adds in one addmm). Measured
+    # on this case: up to 6.6% in norm, and 6.0% before the fused adapter existed. Each
+    # gradient within 10% in norm (fp32 above checks the formulas strictly).
+    torch.testing.assert_close(losses[1], losses[0], rtol=2e-2, atol=1e-4)
+    for name, expected in grads[0].items():
+        error = (grads[1][name].float() - expected.float()).norm() / expected.float().norm()
+        assert error < 0.1, (name, float(error))
 
 
 def test_lean_lora_saves_one_input_for_q_k_v():
