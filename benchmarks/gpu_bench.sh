@@ -8,8 +8,11 @@
 # $OUT gets (at most 8 files): gpu_tests.xml (the CUDA tests of the varlen attention and of the
 # bit-packed dropout masks), memory.json (benchmarks/gpu_memory.py, if present), bench_main.json
 # (lora and full vs seed and trl: same 64 examples per optimizer step; tuneoff and TRL at
-# micro-batch 16 x 4, seed at its 4 x 16), bench_large.json (lora and full at micro-batch 64, the
-# 50,000 supervised tokens/s target, and lora without lean activations: their cost on a GPU),
+# micro-batch 16 x 4, seed at its 4 x 16), bench_large.json (lora and full at micro-batch 128, the
+# 50,000 supervised tokens/s target, and lora without lean activations: their cost on a GPU;
+# ~24k tokens a micro-batch, so that the step waits on the GPU rather than on kernel launches,
+# which a 2026-11-28 profile found the LoRA step waiting on at micro-batch 4; the planner
+# predicts 56 / 83 / 103 GiB),
 # bench_arms.json (every arm's raw result, also when a part
 # timed out) and gpu_bench.log.
 set -uo pipefail
@@ -50,7 +53,7 @@ cp /tmp/bench-main/bench.json "$OUT/bench_main.json" 2>/dev/null
 echo "== bench large micro-batch ($(($(date +%s) - started)) s)"
 timeout 100 python3 -m tuneoff bench --model "$MODEL" \
     --methods lora,full,lora:lean_activations=false --baselines none \
-    --steps 6 --warmup-steps 2 --batch-size 64 --grad-accum 1 --work-dir /tmp/bench-large \
+    --steps 4 --warmup-steps 1 --batch-size 128 --grad-accum 1 --work-dir /tmp/bench-large \
     || echo "bench large: exit $?"
 cp /tmp/bench-large/bench.json "$OUT/bench_large.json" 2>/dev/null
 
