@@ -479,3 +479,33 @@ def test_compiled_lean_model_matches_eager(method):
     assert eager.keys() == grads.keys() and eager
     for name in eager:
         torch.testing.assert_close(grads[name], eager[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.gpu
+@CUDA
+def test_fused_lora_on_cuda_matches_peft_under_bf16_autocast():
+    """The fused adapter on CUDA (seeded torch masks, uint8 mask operands, bf16 autocast over
+    bf16 frozen weights and fp32 adapters) against PEFT's forward: dropout p = 1e-6 drops
+    nothing in either, so only rounding differs."""
+    runtime = Runtime("cuda", "bf16", "test")
+    cfg = Config(method="lora", lora_dropout=1e-6)
+    models = []
+    for lean in (False, True):
+        model = prepare_model(
+            tiny_model("qwen2").cuda(), cfg.replace(lean_activations=lean), runtime
+        )
+        models.append(model.train())
+    gen = torch.Generator().manual_seed(3)
+    for name, p in models[0].named_parameters():
+        if "lora_B" in name:
+            p.data = (torch.randn(p.shape, generator=gen) * 0.1).to(p)
+    models[1].load_state_dict(models[0].state_dict())
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1)).cuda()
+    for model in models:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss_of(model, ids).backward()
+    grads = [{n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in models]
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, expected in grads[0].items():
+        error = (grads[1][name].float() - expected.float()).norm() / expected.float().norm()
+        assert error < 0.1, (name, float(error))
