@@ -60,7 +60,7 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
 
 
 # The autocast dtype while the planner traces an autocast run on the meta device (which has no
-# autocast of its own): set by `plan._AutocastOnMeta`.
+# autocast of its own): set by `trace._AutocastOnMeta`.
 META_AUTOCAST: torch.dtype | None = None
 
 
