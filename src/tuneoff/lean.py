@@ -128,9 +128,8 @@ def _forward_saving_lean(self: torch.nn.Module, *args: Any, **kwargs: Any) -> An
     saved-tensor hooks in a graph) nor inside another hook (gradient checkpointing of the
     whole model, a profiler's), which must see every saved tensor itself."""
     forward = type(self).forward
-    if not (self.training and torch.is_grad_enabled()) or torch.compiler.is_compiling():
-        return forward(self, *args, **kwargs)
-    if top_saved_hooks() is not None:
+    training = self.training and torch.is_grad_enabled()
+    if not training or torch.compiler.is_compiling() or top_saved_hooks() is not None:
         return forward(self, *args, **kwargs)
     with SavedTensors():
         return forward(self, *args, **kwargs)

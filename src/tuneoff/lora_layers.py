@@ -105,25 +105,27 @@ def _plain_adapter(self: torch.nn.Module, x: torch.Tensor) -> tuple | None:
     return name, base, lora_a, lora_b, dtype
 
 
-def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t if t.dtype == dtype else t.to(dtype)  # no dispatch where nothing changes
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    if t is None or t.dtype == dtype:  # no dispatch where nothing changes (hot: every adapter)
+        return t
+    return t.to(dtype)
 
 
 class _LoRALinear(torch.autograd.Function):
     """base(x) + scale * B(A(x * keep / (1 - p))) with a frozen base: the adapter's output
     is added into the base's by one addmm (scale and 1/(1-p) as its alpha); keeps x (one tensor
-    for q, k and v), the base weight as computed with, A, B, A's rank-r output and the mask as
-    `_DropoutLinear` keeps it (bits, a seed, or whole when compiled). Gradients for x, A, B."""
+    for q, k and v), the base weight as computed with, A, B, A's rank-r output and the mask in
+    bits or as its seed (eager only: compiled graphs take PEFT's forward). Gradients for x, A,
+    B."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, keep, seed, p: float, scale: float, dtype):
-        xc, w, ac, bc = _to(x, dtype), _to(weight, dtype), _to(a, dtype), _to(b, dtype)
+        xc, w, ac, bc = _cast(x, dtype), _cast(weight, dtype), _cast(a, dtype), _cast(b, dtype)
         h = F.linear(_masked(xc, keep), ac)  # [..., r], before 1 / (1 - p)
-        out = F.linear(xc, w, None if bias is None else _to(bias, dtype))
+        out = F.linear(xc, w, _cast(bias, dtype))
         alpha = scale / (1.0 - p)
         out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), bc.t(), alpha=alpha)
-        mask = keep if seed is not None or torch.compiler.is_compiling() else pack_bits(keep)
-        ctx.save_for_backward(x, w, ac, bc, h, *(() if seed is not None else (mask,)))
+        ctx.save_for_backward(x, w, ac, bc, h, *(() if seed is not None else (pack_bits(keep),)))
         ctx.alpha, ctx.seed, ctx.p, ctx.shape = alpha, seed, p, keep.shape
         ctx.dtypes = (a.dtype, b.dtype)
         return out
@@ -135,16 +137,16 @@ class _LoRALinear(torch.autograd.Function):
             keep = _seeded_mask(ctx.shape, x.device, ctx.p, ctx.seed)
         else:
             keep = unpack_bits(stored[0], ctx.shape)
-        flat = _to(grad, w.dtype).reshape(-1, grad.shape[-1])
+        flat = _cast(grad, w.dtype).reshape(-1, grad.shape[-1])
         g = flat.mm(b).mul_(ctx.alpha)  # d out / d h, [n, r]
-        grad_b = _to(flat.t().mm(h.reshape(-1, h.shape[-1])).mul_(ctx.alpha), ctx.dtypes[1])
-        dropped = _masked(_to(x, w.dtype), keep)
-        grad_a = _to(g.t().mm(dropped.reshape(-1, dropped.shape[-1])), ctx.dtypes[0])
+        grad_b = _cast(flat.t().mm(h.reshape(-1, h.shape[-1])).mul_(ctx.alpha), ctx.dtypes[1])
+        dropped = _masked(_cast(x, w.dtype), keep)
+        grad_a = _cast(g.t().mm(dropped.reshape(-1, dropped.shape[-1])), ctx.dtypes[0])
         grad_x = None
         if ctx.needs_input_grad[0]:
             lora = g.mm(a).view(keep.shape)
             grad_x = flat.mm(w).view(keep.shape).addcmul_(lora, keep.view(torch.uint8))
-            grad_x = _to(grad_x, x.dtype)
+            grad_x = _cast(grad_x, x.dtype)
         return grad_x, None, None, grad_a, grad_b, None, None, None, None, None
 
 
@@ -191,10 +193,6 @@ def _seeded_mask(shape: torch.Size, device: torch.device, p: float, seed: int) -
         gen = _GENERATORS[device] = torch.Generator(device)
     gen.manual_seed(seed)
     return torch.rand(shape, device=device, generator=gen) >= p
-
-
-def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if t is None else t.to(dtype)
 
 
 class _DropoutLinear(torch.autograd.Function):
