@@ -31,7 +31,8 @@ from tuneoff.loss import compute_dtype
 
 def lean_lora_dropout(module: torch.nn.Module, fast_masks: bool) -> int:
     """Fold each plain-LoRA adapter's dropout into its lora_A (a `DropoutLinear`, same weight
-    and state-dict key) and drop PEFT's input cast, which would copy x for every adapter."""
+    and state-dict key) and drop PEFT's input cast, which would copy x for every adapter; on
+    PEFT's LoRA `Linear`, route plain training calls through `_LoRALinear`."""
     drops, lora_a = getattr(module, "lora_dropout", None), getattr(module, "lora_A", None)
     if not isinstance(drops, torch.nn.ModuleDict) or not isinstance(lora_a, torch.nn.ModuleDict):
         return 0
