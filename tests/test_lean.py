@@ -211,7 +211,7 @@ def test_fused_lora_linear_gradcheck_and_value(masks, device):
 
 def test_fused_lora_only_in_the_plain_training_case(monkeypatch):
     """The fused function runs for one active plain adapter while training; PEFT's own forward
-    in evaluation, with the adapter disabled or merged, and with two active adapters."""
+    in evaluation, with the adapter disabled or merged, with two active adapters, and DoRA."""
     from peft import LoraConfig
 
     model = _lora(tiny_model("qwen2"), True, Runtime("cpu", "fp32", "test"))
@@ -238,6 +238,13 @@ def test_fused_lora_only_in_the_plain_training_case(monkeypatch):
     model.add_adapter("second", LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.1))
     model.base_model.set_adapter(["default", "second"])
     assert fused_calls() == 0
+    from peft import get_peft_model
+
+    dora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.1, use_dora=True)
+    model = get_peft_model(tiny_model("qwen2"), dora)
+    use_lean_activations(model)
+    model.train()
+    assert fused_calls() == 0  # DoRA reads the dropped input itself: PEFT's forward
 
 
 @pytest.mark.parametrize(
@@ -457,7 +464,7 @@ def test_saved_tensors_hooks_only_where_weight_inputs_are_kept(method, targets, 
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_compiled_lean_model_matches_eager(method):
+def test_compiled_lean_model_matches_eager(method, monkeypatch):
     """Under torch.compile the lean paths take their graph-friendly branches (PEFT's forward
     with a kept dropout mask, no saved-tensor hooks): loss and gradients match eager. Dropout
     p = 1e-6 keeps the lean lora_A in play while dropping nothing in either run."""
@@ -466,11 +473,17 @@ def test_compiled_lean_model_matches_eager(method):
     cfg = Config(method=method, lora_dropout=1e-6)
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
     results = []
+    calls = []
+    original = _LoRALinear.apply
+    monkeypatch.setattr(_LoRALinear, "apply", lambda *a: calls.append(1) or original(*a))
     for compiled in (False, True):
         model = prepare_model(tiny_model("qwen2"), cfg, Runtime("cpu", "fp32", "test")).train()
         if compiled:
             compile_model(model)
+            calls.clear()
         loss = loss_of(model, ids)
+        if compiled:
+            assert not calls  # graphs take PEFT's forward
         loss.backward()
         grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
         results.append((loss.detach(), grads))
