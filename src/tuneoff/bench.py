@@ -98,7 +98,7 @@ def bench_tokenizer(name: str) -> Any:
 
 def length_stats(examples: list[Example]) -> dict[str, float]:
     lengths = sorted(len(e.input_ids) for e in examples)
-    supervised = sum(_supervised(e) for e in examples)
+    supervised = sum(supervised_count(e) for e in examples)
     return {
         "examples": len(examples),
         "mean_tokens": sum(lengths) / len(lengths),
@@ -109,7 +109,7 @@ def length_stats(examples: list[Example]) -> dict[str, float]:
     }
 
 
-def _supervised(e: Example) -> int:
+def supervised_count(e: Example) -> int:
     return sum(label != IGNORE for label in e.labels[1:])
 
 

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 
 from tuneoff import measure
-from tuneoff.bench import _supervised, bench_tokenizer, read_examples
+from tuneoff.bench import bench_tokenizer, read_examples, supervised_count
 from tuneoff.config import Config
 from tuneoff.data import Example
 
@@ -105,7 +105,7 @@ def model_flops(examples: list[Example], shape: ModelShape, full: bool, lora_par
     for e in examples:
         n = len(e.input_ids)
         total += ((4 + 2 * f) * shape.body_params + 6 * lora_params) * n
-        total += (4 + 2 * f) * shape.head_params * _supervised(e)
+        total += (4 + 2 * f) * shape.head_params * supervised_count(e)
         total += 6 * shape.attn_dim * shape.layers * n * n
     return total
 
@@ -307,7 +307,7 @@ def _window_tensor_peak(model, accelerator, micro: list[dict], cfg: Config) -> f
 
 def _throughput(used: list[Example], slots: int, elapsed: float, flops: float, device: str) -> dict:
     tokens = sum(len(e.input_ids) for e in used)
-    supervised = sum(_supervised(e) for e in used)
+    supervised = sum(supervised_count(e) for e in used)
     peak = peak_flops(device)
     return {
         "time_s": elapsed,

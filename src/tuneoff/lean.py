@@ -64,8 +64,9 @@ def use_lean_activations(model: torch.nn.Module, fast_masks: bool = False) -> di
 def _saves_weight_inputs(model: torch.nn.Module) -> bool:
     """Does some linear layer other than a LoRA adapter's own train (full fine-tuning), or
     does an adapter sit on down_proj? Only then does autograd keep the inputs that
-    `SavedTensors` shares or recomputes; otherwise its hooks would cost time (about 1 us per
-    saved tensor, ~1,000 per micro-batch of a 1.5B model) for nothing."""
+    `SavedTensors` shares or recomputes; otherwise its hooks would cost time for nothing
+    (about 1 us per saved tensor; Qwen2.5-1.5B's 28 layers save 872 per micro-batch in full
+    fine-tuning, 1,456 with LoRA on every linear layer)."""
     adapters = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"}
     for name, module in model.named_modules():
         parts = name.split(".")

@@ -106,6 +106,14 @@ def _plain_adapter(self: torch.nn.Module, x: torch.Tensor) -> tuple | None:
     return name, base, lora_a, lora_b, dtype
 
 
+def _mask_again(ctx: Any, device: torch.device, stored: list[torch.Tensor]) -> torch.Tensor:
+    """In backward, the mask forward drew: again from its seed, or from the kept bits (or,
+    compiled, the kept mask itself)."""
+    if ctx.seed is not None:
+        return _seeded_mask(ctx.shape, device, ctx.p, ctx.seed)
+    return unpack_bits(stored[0], ctx.shape)
+
+
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     if t is None or t.dtype == dtype:  # no dispatch where nothing changes (hot: every adapter)
         return t
@@ -134,10 +142,7 @@ class _LoRALinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, w, a, b, h, *stored = ctx.saved_tensors
-        if ctx.seed is not None:
-            keep = _seeded_mask(ctx.shape, x.device, ctx.p, ctx.seed)
-        else:
-            keep = unpack_bits(stored[0], ctx.shape)
+        keep = _mask_again(ctx, x.device, stored)
         flat = _cast(grad, w.dtype).reshape(-1, grad.shape[-1])
         g = flat.mm(b).mul_(ctx.alpha)  # d out / d h, [n, r]
         grad_b = _cast(flat.t().mm(h.reshape(-1, h.shape[-1])).mul_(ctx.alpha), ctx.dtypes[1])
@@ -220,10 +225,7 @@ class _DropoutLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, *stored = ctx.saved_tensors  # weight: in the compute dtype
-        if ctx.seed is not None:
-            keep = _seeded_mask(ctx.shape, x.device, ctx.p, ctx.seed)
-        else:
-            keep = unpack_bits(stored[0], ctx.shape)
+        keep = _mask_again(ctx, x.device, stored)
         grad = grad.to(weight.dtype)
         scaled = grad * ctx.scale  # d out / d (x * keep) = scale * weight
         grad_x = grad_w = grad_b = None

@@ -123,7 +123,7 @@ class _AutocastOnMeta(torch.overrides.TorchFunctionMode):
         return cast
 
 
-def forward_backward_as_run(model, batches, with_loss, chunk, act_dtype, memory) -> None:
+def _forward_backward_as_run(model, batches, with_loss, chunk, act_dtype, memory) -> None:
     """`forward_backward`, under autocast's casts when the run has autocast."""
     if act_dtype == torch.float32:
         forward_backward(model, batches, with_loss, chunk)
@@ -146,7 +146,7 @@ def forward_backward_as_run(model, batches, with_loss, chunk, act_dtype, memory)
         )
     for batch in batches:
         with _AutocastOnMeta(act_dtype, memory, weights):
-            out = forward_loss(model, batch, chunk) if with_loss else hidden_sum(model, batch)
+            out = forward_loss(model, batch, chunk) if with_loss else _hidden_sum(model, batch)
         out.backward()
 
 
@@ -191,7 +191,7 @@ def trace_batch(cfg: Config, device: str, eval_batch: bool = False) -> dict[str,
     return {"input_ids": ids, "labels": ids.clone(), "position_ids": positions}
 
 
-def hidden_sum(model, batch):
+def _hidden_sum(model, batch):
     """A loss without the lm head and cross-entropy: isolates their memory."""
     from tuneoff.loss import hidden_states_out
 
@@ -204,7 +204,7 @@ def forward_backward(model, batches, with_loss: bool, chunk: int) -> None:
     from tuneoff.loss import forward_loss
 
     for batch in batches:
-        loss = forward_loss(model, batch, chunk) if with_loss else hidden_sum(model, batch)
+        loss = forward_loss(model, batch, chunk) if with_loss else _hidden_sum(model, batch)
         loss.backward()
 
 
@@ -249,7 +249,7 @@ def trace_train(arch_config, cfg: Config, runtime: Runtime, with_loss: bool) -> 
     varlen = getattr(model.config, "_attn_implementation", None) == attention.NAME
     fp32_attention = varlen and runtime.device == "cpu" and act_dtype != torch.float32
     with _flash_on_meta(fp32_attention), TensorMemory(model, existing) as memory:
-        forward_backward_as_run(model, batches, with_loss, cfg.loss_chunk_size, act_dtype, memory)
+        _forward_backward_as_run(model, batches, with_loss, cfg.loss_chunk_size, act_dtype, memory)
     return memory.peak_bytes
 
 
