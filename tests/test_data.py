@@ -1,4 +1,5 @@
-"""Data: loading and its errors, deterministic disjoint splits, prompt masking, EOS, batching."""
+"""Data: loading and its errors, record schemas (conversations included), deterministic
+disjoint splits, prompt masking, EOS, batching."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from tuneoff.data import (
     prepare_splits,
     prompt_text,
     read_splits,
+    response_text,
     split_records,
     tokenize,
     tokenize_split,
@@ -167,6 +169,98 @@ def test_prompt_completion_pairs(tmp_path, tokenizer):
     example = tokenize(record, tokenizer, Config())
     assert example.labels[-1] == tokenizer.eos_token_id
     assert "2+2?" in prompt_text(record, tokenizer)
+
+
+def test_dolly_records_use_their_context(tokenizer):
+    record = {"instruction": "Add.", "context": "2 3", "response": "5", "category": "math"}
+    (loaded,) = [record]
+    example = tokenize(loaded, tokenizer, Config())
+    assert "Add.\n\n2 3" in prompt_text(record, tokenizer)
+    supervised = [t for t, label in zip(example.input_ids, example.labels) if label != IGNORE]
+    assert tokenizer.decode(supervised) == "5" + tokenizer.eos_token
+
+
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 2+3?"},
+    {"role": "assistant", "content": "It is 5. "},
+    {"role": "user", "content": "And 4+4?"},
+    {"role": "assistant", "content": "8"},
+    {"role": "user", "content": "Thanks"},  # after the last answer: nothing to learn
+]
+
+
+@pytest.mark.parametrize("schema", ["messages", "sharegpt"])
+def test_conversations_supervise_every_assistant_turn(tmp_path, tokenizer, schema):
+    """Each assistant turn and its EOS is learned, nothing else; the tokens are those of the
+    chat template's own rendering up to the last answer's EOS."""
+    if schema == "messages":
+        row = {"messages": CHAT}
+    else:
+        names = {"user": "human", "assistant": "gpt", "system": "system"}
+        row = {"conversations": [{"from": names[t["role"]], "value": t["content"]} for t in CHAT]}
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    (record,) = load_records(str(path))
+    example = tokenize(record, tokenizer, Config())
+    eos = tokenizer.eos_token
+    rendered = tokenizer.apply_chat_template(CHAT[:5], tokenize=False)
+    rendered = rendered[: rendered.rindex(eos) + len(eos)]
+    assert example.input_ids == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    supervised = [t for t, label in zip(example.input_ids, example.labels) if label != IGNORE]
+    assert tokenizer.decode(supervised) == f"It is 5. {eos}8{eos}"
+    # generation is scored on the last answer, prompted with every turn before it
+    assert prompt_text(record, tokenizer).endswith("And 4+4?<|im_end|>\n<|im_start|>assistant\n")
+    assert response_text(record) == "8"
+    on_prompt = tokenize(record, tokenizer, Config(train_on_prompt=True))
+    assert on_prompt.labels == on_prompt.input_ids
+
+
+def test_conversations_cut_at_max_seq_len_and_drop_without_an_answer(tokenizer):
+    record = {"messages": CHAT}
+    full = tokenize(record, tokenizer, Config())
+    first_answer = full.labels.index(next(x for x in full.labels if x != IGNORE))
+    cut = tokenize(record, tokenizer, Config(max_seq_len=first_answer + 2))
+    assert cut.truncated and cut.input_ids == full.input_ids[: first_answer + 2]
+    assert tokenize(record, tokenizer, Config(max_seq_len=first_answer)) is None
+
+
+def test_conversations_need_a_chat_template_and_a_stable_one():
+    tok = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
+    tok.chat_template = None
+    with pytest.raises(DataError, match="no chat template"):
+        tokenize({"messages": CHAT}, tok, Config())
+    # a template that rewrites earlier answers once more turns follow (as Qwen3's drops
+    # reasoning) cannot be split into turns
+    tok.chat_template = (
+        "{% for m in messages %}{% if m.role == 'assistant' and not loop.last %}<|im_start|>"
+        "assistant\n[earlier]<|im_end|>\n{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+        "<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>"
+        "assistant\n{% endif %}"
+    )
+    with pytest.raises(DataError, match="renders turns 1-4 differently"):
+        tokenize({"messages": CHAT}, tok, Config())
+
+
+@pytest.mark.parametrize(
+    "row, fragment",
+    [
+        ({"messages": []}, "its conversation is not a non-empty list"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "has no assistant turn"),
+        ({"messages": [{"role": "bot", "content": "hi"}]}, "turn 1 has role 'bot'"),
+        ({"conversations": [{"from": "gpt", "value": None}]}, "turn 1 has no text in 'value'"),
+    ],
+)
+def test_bad_conversations_give_one_line_errors(tmp_path, row, fragment):
+    good = {"messages": CHAT}
+    if "conversations" in row:
+        good = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(DataError) as err:
+        load_records(str(path))
+    message = str(err.value)
+    assert "record 2: " in message and fragment in message and "\n" not in message
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,12 @@
 """Data: load records, split them once for every arm, tokenize with prompt masking, and batch.
 
-Records are dicts in the alpaca schema (instruction, input, output) or prompt/completion pairs.
-The split is made on raw records with a seeded permutation and written to `splits/` with a
-content hash, so every arm of a comparison reads the very same examples. Labels are built here,
-never by a collator: prompt tokens are -100 (unless `train_on_prompt`), the response ends with
-EOS and EOS is supervised even when the pad token equals EOS.
+Records are dicts in one of `SCHEMAS`: alpaca (instruction, input, output), dolly (instruction,
+context, response), prompt/completion pairs, or conversations (`messages` of role/content, or
+ShareGPT's `conversations` of from/value), whose every assistant turn is supervised. The split
+is made on raw records with a seeded permutation and written to `splits/` with a content hash,
+so every arm of a comparison reads the very same examples. Labels are built here, never by a
+collator: prompt tokens are -100 (unless `train_on_prompt`), each response ends with EOS and EOS
+is supervised even when the pad token equals EOS.
 """
 
 from __future__ import annotations
@@ -149,25 +151,66 @@ def _load_hub(source: str, split: str, config_name: str | None) -> list[dict]:
     return [dict(r) for r in ds]
 
 
+# Record schemas, tried in this order: the text columns each needs (optional ones apart).
+SCHEMAS = {
+    "alpaca": ("instruction", "output"),  # + input
+    "dolly": ("instruction", "response"),  # + context (databricks-dolly-15k)
+    "prompt": ("prompt", "completion"),
+    "messages": ("messages",),  # [{"role", "content"}]: TRL's and OpenAI's chat format
+    "sharegpt": ("conversations",),  # [{"from", "value"}]
+}
+CHAT_KEYS = {"messages": ("role", "content"), "sharegpt": ("from", "value")}
+ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
+ROLES.update({"human": "user", "gpt": "assistant"})  # ShareGPT's names
+
+
 def check_schema(records: list[dict], source: str) -> str:
-    """Return 'alpaca' or 'prompt' for the records' schema, or raise a DataError naming the gap."""
+    """The records' schema (a key of `SCHEMAS`), or a DataError naming the gap."""
     first = records[0]
-    if "instruction" in first and "output" in first:
-        kind, needed = "alpaca", ("instruction", "output")
-    elif "prompt" in first and "completion" in first:
-        kind, needed = "prompt", ("prompt", "completion")
-    else:
+    kind = next((k for k, cols in SCHEMAS.items() if all(c in first for c in cols)), None)
+    if kind is None:
         raise DataError(
             f"dataset {source}: record 1 has columns {sorted(first)}; expected instruction/input/"
-            "output (alpaca) or prompt/completion; rename the columns"
+            "output (alpaca), instruction/context/response (dolly), prompt/completion, messages "
+            "or conversations; rename the columns"
         )
     for i, record in enumerate(records, 1):
-        for key in needed:
+        if kind in CHAT_KEYS:
+            problem = _conversation_problem(record.get(SCHEMAS[kind][0]), *CHAT_KEYS[kind])
+            if problem:
+                raise DataError(f"dataset {source}: record {i}: {problem}; fix or remove it")
+            continue
+        for key in SCHEMAS[kind]:
             if not isinstance(record.get(key), str):
                 raise DataError(
                     f"dataset {source}: record {i} has no text in column {key!r}; fix or remove it"
                 )
     return kind
+
+
+def _conversation_problem(turns: Any, role_key: str, text_key: str) -> str | None:
+    if not isinstance(turns, list) or not turns:
+        return "its conversation is not a non-empty list of turns"
+    for n, turn in enumerate(turns, 1):
+        if not isinstance(turn, dict) or not isinstance(turn.get(text_key), str):
+            return f"turn {n} has no text in {text_key!r}"
+        if turn.get(role_key) not in ROLES:
+            return f"turn {n} has {role_key} {turn.get(role_key)!r}, not one of {', '.join(ROLES)}"
+    if not any(ROLES[t[role_key]] == "assistant" for t in turns):
+        return "its conversation has no assistant turn to learn"
+    return None
+
+
+def conversation(record: dict) -> list[dict[str, str]] | None:
+    """A conversational record's turns as [{"role", "content"}] up to its last assistant turn
+    (later turns teach nothing); None for the other schemas."""
+    for kind, (role_key, text_key) in CHAT_KEYS.items():
+        turns = record.get(SCHEMAS[kind][0])
+        if isinstance(turns, list):
+            chat = [{"role": ROLES[t[role_key]], "content": t[text_key]} for t in turns]
+            last = max(i for i, t in enumerate(chat) if t["role"] == "assistant")
+            return chat[: last + 1]
+    return None
 
 
 # --------------------------------------------------------------------------- splits
@@ -242,25 +285,47 @@ def prepare_splits(cfg: Config, directory: Path, records: list[dict] | None = No
 # --------------------------------------------------------------------------- tokenization
 
 
+def _extra(record: dict) -> str:
+    """An alpaca record's input, or a dolly record's context."""
+    return (record.get("input") or record.get("context") or "").strip()
+
+
 def user_message(record: dict) -> str:
     if "instruction" in record:
-        extra = (record.get("input") or "").strip()
+        extra = _extra(record)
         return record["instruction"].strip() + (f"\n\n{extra}" if extra else "")
     return record["prompt"]
 
 
 def response_text(record: dict) -> str:
-    return record["output"] if "output" in record else record["completion"]
+    """The text to learn: of a conversation, its last assistant turn (what generation is scored
+    against; training learns every assistant turn)."""
+    chat = conversation(record)
+    if chat is not None:
+        return chat[-1]["content"]
+    for key in ("output", "response", "completion"):
+        if key in record:
+            return record[key]
+    raise DataError(f"record with columns {sorted(record)} has no response")
+
+
+def _chat_template(tokenizer: Any, turns: list[dict], **kwargs: Any) -> str:
+    return tokenizer.apply_chat_template(turns, tokenize=False, **kwargs)
 
 
 def prompt_text(record: dict, tokenizer: Any) -> str:
-    """The chat template when the tokenizer has one, else the Alpaca template."""
+    """The chat template when the tokenizer has one, else the Alpaca template. Of a
+    conversation: every turn before its last assistant turn, in the chat template."""
+    chat = conversation(record)
+    if chat is not None:
+        _need_chat_template(tokenizer)
+        return _chat_template(tokenizer, chat[:-1], add_generation_prompt=True)
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": user_message(record)}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return _chat_template(tokenizer, messages, add_generation_prompt=True)
     if "instruction" not in record:
         return record["prompt"]
-    extra = (record.get("input") or "").strip()
+    extra = _extra(record)
     return ALPACA_PROMPT.format(
         with_input=", paired with an input that provides further context" if extra else "",
         instruction=record["instruction"].strip(),
@@ -278,9 +343,20 @@ def prompt_ids(record: dict, tokenizer: Any) -> list[int]:
     return tokenizer(prompt_text(record, tokenizer), add_special_tokens=False)["input_ids"]
 
 
+def _need_chat_template(tokenizer: Any) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            "the dataset is conversational but the model's tokenizer has no chat template; "
+            "use a chat model (e.g. an -Instruct one) or a dataset of instruction/output pairs"
+        )
+
+
 def tokenize(record: dict, tokenizer: Any, cfg: Config) -> Example | None:
     """Prompt + response + EOS, cut at `max_seq_len` from the end of the response.
     Returns None when the prompt leaves no room for a single response token."""
+    chat = conversation(record)
+    if chat is not None:
+        return tokenize_conversation(chat, tokenizer, cfg)
     prompt = prompt_ids(record, tokenizer)
     response = tokenizer(response_text(record), add_special_tokens=False)["input_ids"]
     response = response + [eos_id(tokenizer)]
@@ -291,6 +367,49 @@ def tokenize(record: dict, tokenizer: Any, cfg: Config) -> Example | None:
     response = response[:room]
     prompt_labels = list(prompt) if cfg.train_on_prompt else [IGNORE] * len(prompt)
     return Example(prompt + response, prompt_labels + response, truncated)
+
+
+def tokenize_conversation(chat: list[dict], tokenizer: Any, cfg: Config) -> Example | None:
+    """Every assistant turn supervised (its text + EOS), everything the chat template puts
+    around and between them (system, user turns, role headers) masked unless
+    `train_on_prompt`; cut at `max_seq_len` from the end. Each assistant turn's prompt is the
+    template's rendering of the turns before it, so the template must render a conversation's
+    start the same whatever follows (a DataError says when it does not). None when not one
+    supervised token fits."""
+    _need_chat_template(tokenizer)
+    eos = eos_id(tokenizer)
+    eos_text = tokenizer.decode([eos])
+    ids: list[int] = []
+    labels: list[int] = []
+    done = ""  # the template's text that `ids` covers, less the EOS after the last response
+    for i, turn in enumerate(chat):
+        if turn["role"] != "assistant":
+            continue
+        text = _chat_template(tokenizer, chat[:i], add_generation_prompt=True)
+        full = _chat_template(tokenizer, chat[: i + 1])
+        if not text.startswith(done) or not full.startswith(text):
+            raise DataError(
+                f"the chat template renders turns 1-{i} differently once turn {i + 1} follows "
+                "(e.g. it rewrites earlier assistant turns); train on single-turn records instead"
+            )
+        piece = text[len(done) :]
+        if ids and piece.startswith(eos_text):  # the template's turn end: the EOS already there
+            piece = piece[len(eos_text) :]
+        # The response as the template writes it (some trim it), up to its turn end when that
+        # is the EOS token; else as written in the record.
+        segment = full[len(text) :]
+        end = segment.find(eos_text) if eos_text else -1
+        content = segment[:end] if end >= 0 else turn["content"]
+        prompt = tokenizer(piece, add_special_tokens=False)["input_ids"]
+        response = tokenizer(content, add_special_tokens=False)["input_ids"] + [eos]
+        ids += prompt + response
+        labels += (list(prompt) if cfg.train_on_prompt else [IGNORE] * len(prompt)) + response
+        done = text + content
+    truncated = len(ids) > cfg.max_seq_len
+    ids, labels = ids[: cfg.max_seq_len], labels[: cfg.max_seq_len]
+    if all(label == IGNORE for label in labels[1:]):
+        return None
+    return Example(ids, labels, truncated)
 
 
 def tokenize_split(
