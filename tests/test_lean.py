@@ -341,6 +341,40 @@ def test_rms_norm_gradients_match_stock_formula(dtype, weight_trains):
         assert results[1][2] is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_and_swiglu_backward_in_place_same_values_fewer_bytes(dtype):
+    """The backwards write results over their own temporaries: bitwise the out-of-place
+    formulas, with at most 3 fp32 input-sized tensors alive in the norm's (5 before, at the
+    final norm the step's peak) and 2 in SwiGLU's (3 before)."""
+    from tuneoff.measure import TensorMemory
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 32, 256, generator=gen).to(dtype).requires_grad_()
+    weight = torch.randn(256, generator=gen).to(dtype).requires_grad_()
+    out = _RMSNorm.apply(x, weight, 1e-6)
+    grad = torch.randn(out.shape, generator=gen).to(dtype)
+    with TensorMemory(existing=(x, weight, grad, out)) as memory:
+        grad_x, grad_w = torch.autograd.grad(out, (x, weight), grad)
+    assert memory.peak_bytes <= 3 * x.numel() * 4 + 4096
+    xf = x.detach().float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
+    normed = xf * rstd
+    per_token = grad * normed.to(dtype)
+    assert torch.equal(grad_w, per_token.reshape(-1, 256).sum(0).to(dtype))
+    g = (grad * weight.detach()).float()
+    dot = (g * normed).mean(-1, keepdim=True)
+    assert torch.equal(grad_x, ((g - normed * dot) * rstd).to(dtype))
+
+    gate, up = (torch.randn(4, 32, 512, generator=gen).to(dtype).requires_grad_() for _ in "gu")
+    out = _SwiGLU.apply(gate, up)
+    grad = torch.randn(out.shape, generator=gen).to(dtype)
+    with TensorMemory(existing=(gate, up, grad, out)) as memory:
+        grad_gate, grad_up = torch.autograd.grad(out, (gate, up), grad)
+    assert memory.peak_bytes <= 2 * gate.nbytes
+    assert torch.equal(grad_up, grad * torch.nn.functional.silu(gate.detach()))
+    assert torch.equal(grad_gate, torch.ops.aten.silu_backward(grad * up.detach(), gate.detach()))
+
+
 @pytest.mark.parametrize("method,fast", [("lora", True), ("lora", False), ("full", True)])
 def test_checkpointed_layers_recompute_the_same_masks_and_gradients(method, fast):
     """Gradient checkpointing recomputes each layer in backward: the lean functions must save

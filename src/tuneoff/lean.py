@@ -112,12 +112,15 @@ class _SwiGLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        # Each result is written over the temporary it comes from (one intermediate-size tensor
+        # fewer alive at once): the same kernels, the same values.
         gate, up = ctx.saved_tensors
         grad_gate = grad_up = None
-        if ctx.needs_input_grad[1]:
-            grad_up = grad * F.silu(gate)
         if ctx.needs_input_grad[0]:
-            grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
+            product = grad * up
+            grad_gate = torch.ops.aten.silu_backward.grad_input(product, gate, grad_input=product)
+        if ctx.needs_input_grad[1]:
+            grad_up = F.silu(gate).mul_(grad)
         return grad_gate, grad_up
 
 
@@ -294,14 +297,18 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        # In place where a temporary dies anyway: at the final norm, the first layer backward
+        # reaches, every activation is still alive, so its temporaries set the step's peak.
+        # Same operations in the same order as out of place: the same values.
         x, weight, rstd = ctx.saved_tensors
-        normed = x.to(torch.float32) * rstd
+        normed = x.to(torch.float32).mul_(rstd) if x.dtype != torch.float32 else x * rstd
         grad_x = grad_weight = None
         if ctx.needs_input_grad[1]:
             per_token = grad * normed.to(x.dtype)
             grad_weight = per_token.reshape(-1, per_token.shape[-1]).sum(0).to(weight.dtype)
+            del per_token
         if ctx.needs_input_grad[0]:
             g = (grad * weight).to(torch.float32)
             dot = (g * normed).mean(-1, keepdim=True)
-            grad_x = ((g - normed * dot) * rstd).to(x.dtype)
+            grad_x = g.sub_(normed.mul_(dot)).mul_(rstd).to(x.dtype)  # (g - normed dot) rstd
         return grad_x, grad_weight, None
