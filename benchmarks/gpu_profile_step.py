@@ -24,8 +24,9 @@ def main() -> int:
     from gpu_p0 import ARCH, make_alpaca_like
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from tuneoff.batching import collate
     from tuneoff.config import Config
-    from tuneoff.data import collate, load_records, tokenize_split
+    from tuneoff.data import load_records, tokenize_split
     from tuneoff.embedded import TINY_MODEL_DIR
     from tuneoff.model import prepare_model
     from tuneoff.train import run_window

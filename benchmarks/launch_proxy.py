@@ -44,9 +44,10 @@ def measure(variant: str, steps: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     from tuneoff import attention
+    from tuneoff.batching import make_batch
     from tuneoff.bench import arm_config
     from tuneoff.config import Config
-    from tuneoff.data import Example, make_batch
+    from tuneoff.data import Example
     from tuneoff.loss import forward_loss
     from tuneoff.model import Runtime, load_arch_config, prepare_model
 

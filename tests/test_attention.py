@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_qwen2_config, toy_examples
 
 from tuneoff import attention
-from tuneoff.data import collate, collate_packed
+from tuneoff.batching import collate, collate_packed
 from tuneoff.model import use_varlen_attention
 
 

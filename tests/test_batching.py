@@ -10,17 +10,16 @@ import pytest
 import torch
 from conftest import tiny_qwen2_config, toy_examples
 
-from tuneoff.config import Config
-from tuneoff.data import (
-    IGNORE,
+from tuneoff.batching import (
     collate,
     collate_packed,
     epoch_batches,
     make_batch,
     packing_isolates,
     supervised_tokens,
-    tokenize_split,
 )
+from tuneoff.config import Config
+from tuneoff.data import IGNORE, tokenize_split
 from tuneoff.loss import forward_loss
 from tuneoff.model import prepare_model
 

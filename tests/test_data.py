@@ -8,12 +8,11 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
+from tuneoff.batching import collate, epoch_batches
 from tuneoff.config import Config
 from tuneoff.data import (
     IGNORE,
     DataError,
-    collate,
-    epoch_batches,
     load_records,
     prepare_splits,
     prompt_text,

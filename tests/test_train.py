@@ -10,9 +10,10 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
+from tuneoff.batching import collate
 from tuneoff.cli import main
 from tuneoff.config import Config
-from tuneoff.data import collate, tokenize_split
+from tuneoff.data import tokenize_split
 from tuneoff.embedded import generate_records
 from tuneoff.model import load_model, load_tokenizer, prepare_model
 from tuneoff.train import plan_steps, run_window, train

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from tuneoff.data import eval_batches, prompt_ids, response_text
+from tuneoff.batching import eval_batches
+from tuneoff.data import prompt_ids, response_text
 from tuneoff.loss import forward_stats
 from tuneoff.measure import Stopwatch
 

@@ -22,20 +22,17 @@ import torch
 from tqdm.auto import tqdm
 
 from tuneoff import attention, measure
-from tuneoff.checkpoint import load_checkpoint, save_checkpoint
-from tuneoff.config import Config, write_yaml
-from tuneoff.data import (
-    IGNORE,
-    Example,
+from tuneoff.batching import (
     epoch_batches,
     eval_batches,
     make_batch,
     packed_row_tokens,
     packing_isolates,
-    read_splits,
     supervised_tokens,
-    tokenize_split,
 )
+from tuneoff.checkpoint import load_checkpoint, save_checkpoint
+from tuneoff.config import Config, write_yaml
+from tuneoff.data import IGNORE, Example, read_splits, tokenize_split
 from tuneoff.evaluate import evaluate, evaluate_generation, evaluate_splits
 from tuneoff.loss import forward_loss
 from tuneoff.model import (
