@@ -31,6 +31,13 @@ def run_dir(tmp_path_factory):
     return run
 
 
+def test_inspect_of_a_run_made_by_train(run_dir, capsys):
+    """`train` writes config.yaml in the arm only: inspecting the run reads it from there."""
+    assert not (run_dir / "config.yaml").exists()
+    assert main(["inspect", str(run_dir), "--split", "val", "--limit", "1"]) == 0
+    assert "--- val[0]" in capsys.readouterr().out
+
+
 def logits(model, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=ids).logits

@@ -434,7 +434,10 @@ def inspect_examples(path: Path, split: str, limit: int, as_json: bool = False) 
     from tuneoff.model import load_tokenizer
 
     run_dir = path if (path / "splits").is_dir() else path.parent
-    cfg_path = path / "config.yaml" if (path / "config.yaml").is_file() else run_dir / "config.yaml"
+    # the arm's own config, else the run's (compare), else an arm's (a run made by `train`)
+    candidates = [path / "config.yaml", run_dir / "config.yaml"]
+    candidates += sorted(run_dir.glob("*/config.yaml"))
+    cfg_path = next((c for c in candidates if c.is_file()), path / "config.yaml")
     if not (run_dir / "splits").is_dir() or not cfg_path.is_file():
         raise UsageError(f"{path}: not a tuneoff run or arm directory (no splits/ or config.yaml)")
     cfg = Config(**yaml.safe_load(cfg_path.read_text()))
