@@ -10,20 +10,13 @@ import argparse
 import json
 import logging
 import os
-import shutil
-import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
 
 from tuneoff.config import METHODS, TRAINING_METHODS, Config, ConfigError, preset_names
-
-MARKER = "tuneoff-run.json"  # only directories holding it may be replaced by --overwrite
-
-
-class UsageError(ValueError):
-    """A user-caused problem found by the CLI itself."""
+from tuneoff.runs import UsageError, run_dir_of
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -290,192 +283,37 @@ def resolve_args(args: argparse.Namespace) -> tuple[Config, dict, str]:
     return cfg, per_arm, preset or "custom"
 
 
-def run_dir_of(cfg: Config) -> Path:
-    return Path(cfg.output_dir) if cfg.output_dir else Path("runs") / str(cfg.name)
-
-
-def check_dir(path: Path, overwrite: bool, resume: bool) -> bool:
-    """May `path` be used? True if it holds a run to replace (--overwrite). Raises otherwise.
-    Only a tuneoff run may be replaced: nothing a user had is deleted or silently overwritten."""
-    if resume and not (path / MARKER).is_file():
-        raise UsageError(f"no tuneoff run at {path} to resume: pass its --output-dir or --name")
-    if not path.exists() or not any(path.iterdir()):
-        return False
-    is_run = (path / MARKER).is_file()
-    if resume and is_run:
-        return False
-    if not overwrite:
-        raise UsageError(
-            f"{path} already exists: pass --overwrite to replace it, --resume to "
-            "continue it, or choose another --output-dir / --name"
-        )
-    if not is_run:
-        raise UsageError(
-            f"{path} exists and is not a tuneoff run; refusing to delete it with "
-            "--overwrite: choose another --output-dir"
-        )
-    return True
-
-
-def claim_dir(path: Path, replace: bool) -> None:
-    if replace:
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-    if not (path / MARKER).is_file():
-        stamp = json.dumps({"created": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        (path / MARKER).write_text(stamp + "\n")
-
-
 # --------------------------------------------------------------------------- commands
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from tuneoff.config import write_yaml
-    from tuneoff.data import prepare_splits
-    from tuneoff.model import check_model
     from tuneoff.report import write_report
+    from tuneoff.runs import compare
 
     cfg, per_arm, preset = resolve_args(args)
     run_dir = args.run_dir = run_dir_of(cfg)
-    check_model(cfg.model)
-    replace = check_dir(run_dir, args.overwrite, args.resume)
-    records = _load_unless_split(cfg, run_dir, args.resume)  # bad data fails before any write
-    claim_dir(run_dir, replace)
-    cfg = cfg.replace(output_dir=str(run_dir))
-    header = f"# tuneoff compare --config {run_dir / 'config.yaml'}\n"
-    write_yaml(cfg, run_dir / "config.yaml", header=header)
-    prepare_splits(cfg, run_dir / "splits", records)
-    print(f"tuneoff compare: {preset} preset, arms base + {', '.join(cfg.methods)} -> {run_dir}")
-    for method in ["base", *cfg.methods]:
-        _run_arm_process(method, run_dir, per_arm.get(method, {}), args.resume)
-    _measure_deployment(run_dir)
+    compare(cfg, per_arm, preset, run_dir, args.overwrite, args.resume)
     report_path, table = write_report(run_dir)
     print(table)
     print(f"\nreport: {report_path}")
     return 0
 
 
-def _measure_deployment(run_dir: Path) -> None:
-    """deployment.json for the report when a LoRA-type arm finished; a failure here is one
-    line on stderr and never loses the comparison."""
-    import torch
-
-    from tuneoff.merge import measure_deployment
-    from tuneoff.model import ModelError
-
-    try:
-        if measure_deployment(run_dir):
-            print(f"\ndeployment figures: {run_dir / 'deployment.json'}")
-    except (ModelError, ConfigError, OSError, torch.OutOfMemoryError) as err:
-        first = (str(err).splitlines() or [type(err).__name__])[0]
-        print(f"tuneoff: deployment figures skipped: {first}", file=sys.stderr)
-
-
-def _load_unless_split(cfg: Config, run_dir: Path, resume: bool) -> list[dict] | None:
-    from tuneoff.data import load_records
-
-    if resume and (run_dir / "splits" / "manifest.json").is_file():
-        return None
-    return load_records(cfg.dataset, cfg.dataset_split, cfg.dataset_config)
-
-
-def _run_arm_process(method: str, run_dir: Path, overrides: dict, resume: bool) -> None:
-    """Each arm in a fresh process, so its peak memory is its own and its failure (an OOM, a
-    crash) becomes a row of the report instead of the end of the comparison."""
-    summary_path = run_dir / method / "summary.json"
-    if resume and summary_path.is_file() and json.loads(summary_path.read_text())["status"] == "ok":
-        print(f"\n== {method}: already done, skipped (--resume)")
-        return
-    print(f"\n== {method}", flush=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "tuneoff",
-        "train",
-        "--method",
-        method,
-        "--config",
-        str(run_dir / "config.yaml"),
-        "--no-report",
-    ]
-    cmd += ["--resume"] if resume else []
-    cmd += [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
-    started = time.perf_counter()
-    code = subprocess.run(cmd).returncode
-    if code != 0 and not summary_path.is_file():
-        summary_path.parent.mkdir(parents=True, exist_ok=True)
-        failed = {
-            "status": "failed",
-            "method": method,
-            "exit_code": code,
-            "error": f"arm process exited with code {code}; see its output above",
-            "total_time_s": time.perf_counter() - started,
-        }
-        summary_path.write_text(json.dumps(failed, indent=2) + "\n")
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from tuneoff.data import DataError, prepare_splits
-    from tuneoff.model import ModelError, check_model
     from tuneoff.report import write_report
-    from tuneoff.train import run_arm
+    from tuneoff.runs import train_arm
 
     cfg, per_arm, _ = resolve_args(args)
     cfg = cfg.replace(**per_arm.get(cfg.method, {}))
-    dist = _launched_processes(cfg)
-    if dist is not None:  # every process must use rank 0's run name (it holds a timestamp)
-        from accelerate.utils import broadcast_object_list
-
-        cfg = cfg.replace(name=broadcast_object_list([cfg.name])[0])
-    run_dir = args.run_dir = run_dir_of(cfg)
-    arm_dir = run_dir / cfg.method
-    check_model(cfg.model)
-    new_run = not (run_dir / MARKER).is_file()
-    replace = check_dir(run_dir, args.overwrite, args.resume) if new_run else False
-    if not new_run and arm_dir.exists() and not args.resume and not args.overwrite:
-        raise UsageError(
-            f"{arm_dir} already exists: pass --overwrite to replace this arm or "
-            "--resume to continue it"
-        )
-    has_splits = (run_dir / "splits" / "manifest.json").is_file()
-    records = None if has_splits else _load_unless_split(cfg, run_dir, False)
-    if dist is not None:
-        dist.wait_for_everyone()  # every process checked before the main one writes
-    if dist is None or dist.is_main_process:
-        claim_dir(run_dir, replace)
-        if not new_run and arm_dir.exists() and not args.resume:
-            shutil.rmtree(arm_dir)  # --overwrite of this arm only
-        prepare_splits(cfg, run_dir / "splits", records)
-    if dist is not None:
-        dist.wait_for_everyone()
-    try:
-        summary = run_arm(cfg.replace(output_dir=str(run_dir)), run_dir, resume=args.resume)
-    except (ConfigError, DataError, ModelError) as err:  # the report shows the arm as failed
-        arm_dir.mkdir(parents=True, exist_ok=True)
-        failed = {"status": "failed", "method": cfg.method, "error": str(err)}
-        (arm_dir / "summary.json").write_text(json.dumps(failed, indent=2) + "\n")
-        raise
-    if dist is not None:
-        dist.wait_for_everyone()
-        if not dist.is_main_process:
-            return 0
+    args.run_dir = run_dir_of(cfg)
+    run_dir, summary = train_arm(cfg, args.overwrite, args.resume)
+    if summary is None:  # not the main process
+        return 0
     if not args.no_report:
         report_path, table = write_report(run_dir)
         print(table)
         print(f"\nreport: {report_path}")
     return 0 if summary["status"] == "ok" else 1
-
-
-def _launched_processes(cfg: Config):
-    """Accelerate's process state under `accelerate launch` / torchrun with more than one
-    process (None otherwise): rank 0 prepares the run directory, every rank trains."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    from accelerate import PartialState
-
-    from tuneoff.model import choose_runtime
-
-    return PartialState(cpu=choose_runtime(cfg).device == "cpu")  # CPU: gloo processes
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

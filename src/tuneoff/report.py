@@ -314,7 +314,7 @@ def _peak(summary: dict) -> float | None:
 def write_report(run_dir: Path) -> tuple[Path, str]:
     summaries = load_summaries(run_dir)
     if not summaries:
-        from tuneoff.cli import UsageError
+        from tuneoff.runs import UsageError
 
         raise UsageError(
             f"{run_dir}: no <arm>/summary.json found; is this a tuneoff run directory?"
@@ -428,10 +428,10 @@ def deployment_section(run_dir: Path) -> str | None:
 
 def inspect_examples(path: Path, split: str, limit: int, as_json: bool = False) -> str:
     """Tokenize a run's split exactly as training does; [bracketed] tokens count toward the loss."""
-    from tuneoff.cli import UsageError
     from tuneoff.config import Config
     from tuneoff.data import IGNORE, read_splits, tokenize
     from tuneoff.model import load_tokenizer
+    from tuneoff.runs import UsageError
 
     run_dir = path if (path / "splits").is_dir() else path.parent
     # the arm's own config, else the run's (compare), else an arm's (a run made by `train`)

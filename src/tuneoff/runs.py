@@ -1,0 +1,201 @@
+"""Run directories and the comparison: where a run lives, what may be replaced (only a
+tuneoff run, never anything else a user had), and `compare`, which runs each arm in a process
+of its own (`python -m tuneoff train`), so that its peak memory is its own and its failure (an
+OOM, a crash) becomes a row of the report instead of the end of the comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tuneoff.config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+
+MARKER = "tuneoff-run.json"  # only directories holding it may be replaced by --overwrite
+
+
+class UsageError(ValueError):
+    """A user-caused problem with a command's arguments or its run directory; one line."""
+
+
+def run_dir_of(cfg: Config) -> Path:
+    return Path(cfg.output_dir) if cfg.output_dir else Path("runs") / str(cfg.name)
+
+
+def check_dir(path: Path, overwrite: bool, resume: bool) -> bool:
+    """May `path` be used? True if it holds a run to replace (--overwrite). Raises otherwise.
+    Only a tuneoff run may be replaced: nothing a user had is deleted or silently overwritten."""
+    if resume and not (path / MARKER).is_file():
+        raise UsageError(f"no tuneoff run at {path} to resume: pass its --output-dir or --name")
+    if not path.exists() or not any(path.iterdir()):
+        return False
+    is_run = (path / MARKER).is_file()
+    if resume and is_run:
+        return False
+    if not overwrite:
+        raise UsageError(
+            f"{path} already exists: pass --overwrite to replace it, --resume to "
+            "continue it, or choose another --output-dir / --name"
+        )
+    if not is_run:
+        raise UsageError(
+            f"{path} exists and is not a tuneoff run; refusing to delete it with "
+            "--overwrite: choose another --output-dir"
+        )
+    return True
+
+
+def claim_dir(path: Path, replace: bool) -> None:
+    if replace:
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if not (path / MARKER).is_file():
+        stamp = json.dumps({"created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        (path / MARKER).write_text(stamp + "\n")
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def compare(
+    cfg: Config, per_arm: dict, preset: str, run_dir: Path, overwrite: bool, resume: bool
+) -> None:
+    """Every arm (base, then `cfg.methods`) in its own process on one split, then the
+    deployment figures; the caller writes the report."""
+    from tuneoff.config import write_yaml
+    from tuneoff.data import prepare_splits
+    from tuneoff.model import check_model
+
+    check_model(cfg.model)
+    replace = check_dir(run_dir, overwrite, resume)
+    records = load_unless_split(cfg, run_dir, resume)  # bad data fails before any write
+    claim_dir(run_dir, replace)
+    cfg = cfg.replace(output_dir=str(run_dir))
+    header = f"# tuneoff compare --config {run_dir / 'config.yaml'}\n"
+    write_yaml(cfg, run_dir / "config.yaml", header=header)
+    prepare_splits(cfg, run_dir / "splits", records)
+    log.info("tuneoff compare: %s preset, arms base + %s -> %s", preset, ", ".join(cfg.methods),
+             run_dir)  # fmt: skip
+    for method in ["base", *cfg.methods]:
+        _run_arm_process(method, run_dir, per_arm.get(method, {}), resume)
+    _measure_deployment(run_dir)
+
+
+def _measure_deployment(run_dir: Path) -> None:
+    """deployment.json for the report when a LoRA-type arm finished; a failure here is one
+    line on stderr and never loses the comparison."""
+    import torch
+
+    from tuneoff.merge import measure_deployment
+    from tuneoff.model import ModelError
+
+    try:
+        if measure_deployment(run_dir):
+            log.info("\ndeployment figures: %s", run_dir / "deployment.json")
+    except (ModelError, ConfigError, OSError, torch.OutOfMemoryError) as err:
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        log.warning("tuneoff: deployment figures skipped: %s", first)
+
+
+def load_unless_split(cfg: Config, run_dir: Path, resume: bool) -> list[dict] | None:
+    from tuneoff.data import load_records
+
+    if resume and (run_dir / "splits" / "manifest.json").is_file():
+        return None
+    return load_records(cfg.dataset, cfg.dataset_split, cfg.dataset_config)
+
+
+def _run_arm_process(method: str, run_dir: Path, overrides: dict, resume: bool) -> None:
+    summary_path = run_dir / method / "summary.json"
+    if resume and summary_path.is_file() and json.loads(summary_path.read_text())["status"] == "ok":
+        log.info("\n== %s: already done, skipped (--resume)", method)
+        return
+    log.info("\n== %s", method)
+    cmd = [sys.executable, "-m", "tuneoff", "train", "--method", method,
+           "--config", str(run_dir / "config.yaml"), "--no-report"]  # fmt: skip
+    cmd += ["--resume"] if resume else []
+    cmd += [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
+    started = time.perf_counter()
+    code = subprocess.run(cmd).returncode
+    if code != 0 and not summary_path.is_file():
+        summary_path.parent.mkdir(parents=True, exist_ok=True)
+        failed = {
+            "status": "failed",
+            "method": method,
+            "exit_code": code,
+            "error": f"arm process exited with code {code}; see its output above",
+            "total_time_s": time.perf_counter() - started,
+        }
+        summary_path.write_text(json.dumps(failed, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- one arm
+
+
+def train_arm(cfg: Config, overwrite: bool, resume: bool) -> tuple[Path, dict[str, Any] | None]:
+    """One arm in this process (or in each process of `accelerate launch` / torchrun), into a
+    new run or an existing one (another arm of it): the run directory and the arm's summary
+    (None on a process other than the main one)."""
+    from tuneoff.data import DataError, prepare_splits
+    from tuneoff.model import ModelError, check_model
+    from tuneoff.train import run_arm
+
+    dist = _launched_processes(cfg)
+    if dist is not None:  # every process must use rank 0's run name (it holds a timestamp)
+        from accelerate.utils import broadcast_object_list
+
+        cfg = cfg.replace(name=broadcast_object_list([cfg.name])[0])
+    run_dir = run_dir_of(cfg)
+    arm_dir = run_dir / cfg.method
+    check_model(cfg.model)
+    new_run = not (run_dir / MARKER).is_file()
+    replace = check_dir(run_dir, overwrite, resume) if new_run else False
+    if not new_run and arm_dir.exists() and not resume and not overwrite:
+        raise UsageError(
+            f"{arm_dir} already exists: pass --overwrite to replace this arm or "
+            "--resume to continue it"
+        )
+    has_splits = (run_dir / "splits" / "manifest.json").is_file()
+    records = None if has_splits else load_unless_split(cfg, run_dir, False)
+    if dist is not None:
+        dist.wait_for_everyone()  # every process checked before the main one writes
+    if dist is None or dist.is_main_process:
+        claim_dir(run_dir, replace)
+        if not new_run and arm_dir.exists() and not resume:
+            shutil.rmtree(arm_dir)  # --overwrite of this arm only
+        prepare_splits(cfg, run_dir / "splits", records)
+    if dist is not None:
+        dist.wait_for_everyone()
+    try:
+        summary = run_arm(cfg.replace(output_dir=str(run_dir)), run_dir, resume=resume)
+    except (ConfigError, DataError, ModelError) as err:  # the report shows the arm as failed
+        arm_dir.mkdir(parents=True, exist_ok=True)
+        failed = {"status": "failed", "method": cfg.method, "error": str(err)}
+        (arm_dir / "summary.json").write_text(json.dumps(failed, indent=2) + "\n")
+        raise
+    if dist is not None:
+        dist.wait_for_everyone()
+        if not dist.is_main_process:
+            return run_dir, None
+    return run_dir, summary
+
+
+def _launched_processes(cfg: Config):
+    """Accelerate's process state under `accelerate launch` / torchrun with more than one
+    process (None otherwise): rank 0 prepares the run directory, every rank trains."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    from tuneoff.model import choose_runtime
+
+    return PartialState(cpu=choose_runtime(cfg).device == "cpu")  # CPU: gloo processes
