@@ -172,6 +172,44 @@ def test_cpu_per_example_attention_keeps_half_precision_inputs_narrow(mixed):
     assert narrow_bytes == wide_bytes - narrowed  # each narrowed input: 2 bytes fewer per value
 
 
+@pytest.mark.parametrize("refuses_gqa", [False, True])
+def test_flash_varlen_passes_grouped_kv_heads_unrepeated(monkeypatch, refuses_gqa):
+    """Key/value heads go to torch's varlen_attn as they are (2 for 8 query heads here), and
+    are repeated only after a varlen_attn refuses them; the results are sdpa's per example
+    either way. A stand-in varlen_attn on CPU: the flash kernel itself is CUDA's (tested
+    below behind the gpu marker)."""
+    import torch.nn.attention.varlen as varlen_module
+
+    seen = []
+
+    def fake_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+        assert window_size == (-1, 0)  # causal
+        seen.append(k.shape[1])
+        if refuses_gqa and k.shape[1] != q.shape[1]:
+            raise RuntimeError("Number of heads in key/value must equal number of heads in query")
+        bounds = cu_q.tolist()
+        outs = [
+            torch.nn.functional.scaled_dot_product_attention(
+                *(x[s:e].transpose(0, 1)[None] for x in (q, k, v)), is_causal=True,
+                scale=scale, enable_gqa=k.shape[1] != q.shape[1],
+            )[0].transpose(0, 1)
+            for s, e in zip(bounds[:-1], bounds[1:])
+        ]  # fmt: skip
+        return torch.cat(outs)
+
+    monkeypatch.setattr(varlen_module, "varlen_attn", fake_varlen_attn)
+    monkeypatch.setattr(attention, "_gqa_repeat", False)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 40, 16, generator=gen) for h in (8, 2, 2))
+    segments = [[(0, 17), (17, 25), (25, 40)]]
+    loop = attention._sdpa_per_example(q, k, v, segments, 0.25, 0.0)
+    for _ in range(2):
+        flash = attention._flash_varlen(q, k, v, segments, 0.25, 0.0)
+        torch.testing.assert_close(flash, loop)
+    assert seen == ([2, 8, 8] if refuses_gqa else [2, 2])
+    assert attention._gqa_repeat is refuses_gqa
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -38,6 +38,9 @@ NAME = "tuneoff_varlen"
 VARLEN_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral", "phi3", "olmo2", "granite")
 _last: tuple[Any, int, list[list[tuple[int, int]]] | None] = (None, 0, None)
 _flash_failed = False
+# Set when this torch's varlen_attn refused fewer key/value heads than query heads: from then
+# on they are repeated to match (6x the key/value bytes kept for backward on Qwen2.5-1.5B).
+_gqa_repeat = False
 # Attention calls per path in this process (flash varlen, sdpa per example, transformers' sdpa),
 # which `tuneoff bench` records so that a figure says which kernel produced it.
 calls: Counter[str] = Counter()
@@ -241,7 +244,7 @@ def _cu_seqlens(segments: list, device: torch.device) -> tuple[torch.Tensor, int
 def _flash_varlen(query, key, value, segments, scaling, dropout) -> torch.Tensor | None:
     """One flash-attention call over all examples; None (and sdpa per example from then on)
     where this torch has no usable `varlen_attn`."""
-    global _flash_failed
+    global _flash_failed, _gqa_repeat
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -253,7 +256,11 @@ def _flash_varlen(query, key, value, segments, scaling, dropout) -> torch.Tensor
     batch, heads, length, dim = query.shape
     cu, longest = _cu_seqlens(segments, query.device)
     kv_heads = key.shape[1]
-    if kv_heads != heads and "enable_gqa" not in params:
+    # Grouped-query attention: torch's flash kernels take fewer key/value heads as they are
+    # (query head h reads key/value head h // (heads / kv_heads), as repeat_interleave would
+    # give), with or without an `enable_gqa` flag; repeated only if this torch refuses them.
+    repeat = kv_heads != heads and _gqa_repeat and "enable_gqa" not in params
+    if repeat:
         key = key.repeat_interleave(heads // kv_heads, dim=1)
         value = value.repeat_interleave(heads // kv_heads, dim=1)
     options: dict[str, Any] = {"scale": scaling} if "scale" in params else {}
@@ -272,6 +279,10 @@ def _flash_varlen(query, key, value, segments, scaling, dropout) -> torch.Tensor
     except torch.OutOfMemoryError:
         raise
     except (RuntimeError, TypeError, ValueError) as err:  # an older or partial varlen_attn
+        if key.shape[1] != heads and not _gqa_repeat and "enable_gqa" not in params:
+            _gqa_repeat = True
+            log.info("varlen_attn refused %d key/value heads (%s): repeating them", kv_heads, err)
+            return _flash_varlen(query, key, value, segments, scaling, dropout)
         _flash_failed = True
         log.warning("torch varlen_attn unusable here (%s): causal sdpa per example", err)
         return None
