@@ -27,7 +27,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--config", help="YAML file of config keys, applied over the preset")
     p.add_argument("--model", help="hub id or local directory (config key: model)")
-    p.add_argument("--dataset", help="hub id or .json/.jsonl/.csv/.parquet file (key: dataset)")
+    p.add_argument(
+        "--dataset",
+        help="hub id or .json/.jsonl/.csv/.parquet file: instruction/input/output, "
+        "instruction/context/response, prompt/completion, messages or conversations "
+        "(key: dataset)",
+    )
     p.add_argument("--name", help="run name; results go to runs/<name>/ (key: name)")
     p.add_argument("--output-dir", help="run directory (default runs/<name>)")
     p.add_argument("--max-steps", type=int, help="stop after N optimizer steps (smoke tests)")
