@@ -1,5 +1,5 @@
-"""Batching modes: padded, longest and packed batches give the same losses, updates and metrics,
-and a packed example never attends to another."""
+"""Batching modes: padded, longest and packed batches, and micro-batches cut by tokens, give the
+same losses, updates and metrics, and a packed example never attends to another."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from tuneoff.batching import (
     packing_isolates,
     supervised_tokens,
 )
-from tuneoff.config import Config
+from tuneoff.config import Config, ConfigError
 from tuneoff.data import IGNORE, tokenize_split
 from tuneoff.loss import forward_loss
 from tuneoff.model import prepare_model
@@ -208,6 +208,62 @@ def test_per_step_loss_parity_across_batching_modes(tmp_path):
         if keys == {"batching": "packed", "loss_chunk_size": 0}:
             assert model.config._attn_implementation == "tuneoff_varlen"
             assert summary["padding_fraction"] == 0  # one row per micro-batch
+
+
+@pytest.mark.parametrize("batching", ["packed", "longest", "padded"])
+def test_token_budget_cuts_each_step_into_bounded_micro_batches(batching):
+    """`micro_batch_tokens`: each step's examples, in the same order, cut into micro-batches
+    that occupy at most the budget (an example alone may not need cutting further)."""
+    from tuneoff.batching import micro_batch_cost
+    from tuneoff.train import epoch_windows
+
+    gen = torch.Generator().manual_seed(2)
+    lengths = [int(x) for x in torch.randint(5, 65, (50,), generator=gen)]
+    plain = Config(batch_size=4, grad_accum=3, max_seq_len=64, batching=batching)
+    budget = plain.replace(micro_batch_tokens=150)
+    by_count = epoch_windows(50, plain, 0, 0, 1, lengths)
+    by_tokens = epoch_windows(50, budget, 0, 0, 1, lengths)
+    assert len(by_count) == len(by_tokens) == 5  # the same optimizer steps
+    sizes = set()
+    for count_window, token_window in zip(by_count, by_tokens):
+        assert [i for b, _ in token_window for i in b] == [i for b, _ in count_window for i in b]
+        for micro, supervised in token_window:
+            assert supervised
+            assert micro_batch_cost([lengths[i] for i in micro], batching, 64) <= 150
+            sizes.add(len(micro))
+    assert len(sizes) > 1 if batching != "padded" else sizes == {2}  # 150 // 64 rows
+    with pytest.raises(ConfigError, match="below max_seq_len"):
+        plain.replace(micro_batch_tokens=63)
+
+
+def test_token_budget_balances_micro_batches():
+    """As few micro-batches as the budget allows, the largest as small as they allow; an
+    example over the budget alone, its neighbours still within it."""
+    from tuneoff.batching import split_by_tokens
+
+    assert split_by_tokens([0, 1, 2, 3, 4], [100] * 5, 400, "packed", 256) == [[0, 1, 2], [3, 4]]
+    assert split_by_tokens([0, 1, 2], [300, 200, 90], 256, "packed", 256) == [[0], [1], [2]]
+    assert split_by_tokens([5, 3], [9, 9, 9, 9, 9, 9], 256, "padded", 100) == [[5, 3]]
+
+
+def test_token_budget_takes_the_same_steps(tmp_path):
+    """Micro-batches cut by tokens give the optimizer steps of micro-batches of batch_size:
+    same losses and weights (the window's loss is normalized by its supervised tokens)."""
+    from transformers import AutoTokenizer
+
+    from tuneoff.embedded import TINY_MODEL_DIR
+
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
+    data = _tiny_data(tokenizer)
+    pad = tokenizer.pad_token_id
+    reference, ref_summary, ref_model = _train_losses(tmp_path, data, pad, batching="packed")
+    losses, summary, model = _train_losses(
+        tmp_path, data, pad, batching="packed", micro_batch_tokens=100
+    )
+    assert losses == pytest.approx(reference, rel=1e-5, abs=1e-6)
+    assert summary["train_supervised_tokens"] == ref_summary["train_supervised_tokens"]
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_eval_metrics_unchanged_across_batching_modes():

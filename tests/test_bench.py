@@ -131,10 +131,27 @@ def test_seed_config_is_the_reference_recipe():
     from tuneoff.bench import seed_config
     from tuneoff.config import Config
 
-    seed = seed_config(Config(batch_size=16, grad_accum=1), "cpu", None)
-    assert (seed.batch_size, seed.grad_accum) == (4, 4)
+    seed = seed_config(Config(batch_size=16, grad_accum=1, micro_batch_tokens=1024), "cpu", None)
+    assert (seed.batch_size, seed.grad_accum, seed.micro_batch_tokens) == (4, 4, 0)
     assert (seed.batching, seed.loss_chunk_size, seed.weights_dtype) == ("padded", 0, "fp32")
     assert not seed.fast_dropout and not seed.fused_optimizer and not seed.lean_activations
+
+
+def test_arms_take_the_same_examples_per_step_under_a_token_budget():
+    from tuneoff.batching import micro_batch_cost
+    from tuneoff.bench_worker import windows_of
+    from tuneoff.config import Config
+
+    lengths = [len(e.input_ids) for e in synthetic_examples(48, 256, 100, 2, 0)]
+    plain = Config(batch_size=8, grad_accum=2)
+    by_count = windows_of(3, plain, lengths)
+    by_tokens = windows_of(3, plain.replace(micro_batch_tokens=600), lengths)
+    for a, b in zip(by_count, by_tokens, strict=True):
+        assert [i for idx, _ in a for i in idx] == [i for idx, _ in b for i in idx]
+        assert all(
+            micro_batch_cost([lengths[i] for i in idx], "packed", 256) <= 600 for idx, _ in b
+        )
+    assert [len(w) for w in by_count] == [2, 2, 2] and max(len(w) for w in by_tokens) > 2
 
 
 def test_repeats_interleave_arm_processes(tiny_config, tmp_path, capfd):

@@ -138,6 +138,25 @@ def test_packed_prediction_within_10_percent_on_cpu(method, runtime, fast):
             assert predicted[key] == pytest.approx(measured[key], rel=0.10, abs=1024), key
 
 
+def test_token_budget_bounds_the_predicted_micro_batch():
+    """With `micro_batch_tokens` the worst micro-batch is the budget's tokens, not batch_size
+    full-length examples: a budget of two examples' tokens predicts what micro-batches of
+    two examples do, a budget between two and three lies between them."""
+    arch = tiny_arch()
+
+    def step_bytes(**keys):
+        cfg = Config(
+            **{"method": "lora", "batch_size": 4, "grad_accum": 2, "max_seq_len": 64, **keys}
+        )
+        c = predict(cfg, arch, CPU, both_checkpointing=False).components
+        return c["activations"] + c["logits_and_loss"]
+
+    two, three, four = (step_bytes(batch_size=n, grad_accum=8 // n) for n in (2, 3, 4))
+    assert step_bytes(micro_batch_tokens=128) == two < three < four
+    assert two < step_bytes(micro_batch_tokens=160) < three
+    assert step_bytes(micro_batch_tokens=4096) == step_bytes(batch_size=8, grad_accum=1)
+
+
 def test_checkpointing_and_chunking_lower_the_prediction():
     arch = load_arch_config("qwen2.5-0.5b")
     cfg = Config(method="lora", batch_size=4, max_seq_len=256, eval_batch_size=4)

@@ -109,6 +109,46 @@ def make_batch(
     return collate(examples, pad_id)
 
 
+def micro_batch_cost(lengths: list[int], batching: str, max_seq_len: int) -> int:
+    """Tokens a micro-batch of examples of these lengths occupies: their sum when packed,
+    rows x the longest (padded to the longest) or rows x max_seq_len (padded)."""
+    if batching == "packed":
+        return sum(lengths)
+    width = max(lengths) if batching == "longest" else max(max_seq_len, *lengths)
+    return len(lengths) * width
+
+
+def split_by_tokens(
+    indices: list[int], lengths: list[int], budget: int, batching: str, max_seq_len: int
+) -> list[list[int]]:
+    """`indices` in order, cut into as few micro-batches as hold at most `budget` tokens each
+    (`micro_batch_cost`; an example that alone exceeds it forms a micro-batch of its own),
+    balanced: the largest is as small as that many allow, so that a step is not one full
+    micro-batch and a small remainder."""
+
+    def cut(cap: int) -> list[list[int]]:
+        out: list[list[int]] = []
+        for i in indices:
+            grown = [lengths[j] for j in (*out[-1], i)] if out else []
+            if out and micro_batch_cost(grown, batching, max_seq_len) <= cap:
+                out[-1].append(i)
+            else:
+                out.append([i])
+        return out
+
+    fewest = cut(budget)
+    high = min(budget, max(micro_batch_cost([lengths[i] for i in b], batching, max_seq_len)
+                           for b in fewest))  # fmt: skip
+    low = min(high, max(micro_batch_cost([lengths[i]], batching, max_seq_len) for i in indices))
+    while low < high:  # the smallest cap that needs no more micro-batches
+        mid = (low + high) // 2
+        if len(cut(mid)) <= len(fewest):
+            high = mid
+        else:
+            low = mid + 1
+    return cut(low) if len(fewest) > 1 else fewest
+
+
 def epoch_batches(
     n_examples: int, batch_size: int, seed: int, epoch: int, lengths: list[int] | None = None
 ) -> list[list[int]]:

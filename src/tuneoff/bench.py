@@ -152,6 +152,7 @@ def seed_config(cfg: Config, device: str, batch_size: int | None) -> Config:
         batch_size=micro,
         grad_accum=per_step // micro,
         batching="padded",
+        micro_batch_tokens=0,
         group_by_length=False,
         loss_chunk_size=0,
         weights_dtype="fp32",

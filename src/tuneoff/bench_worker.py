@@ -171,19 +171,23 @@ def random_model(name: str, device: str, dtype: torch.dtype = torch.float32) -> 
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def windows_of(
-    n_steps: int, batch_size: int, grad_accum: int
-) -> list[list[tuple[list[int], bool]]]:
+def windows_of(n_steps: int, cfg: Config, lengths: list[int]) -> list[list[tuple[list[int], bool]]]:
     """Optimizer step k takes examples [k*E, (k+1)*E), E = batch_size x grad_accum, in micro-batches
-    of batch_size: the same examples per step whatever the micro-batch."""
-    per_step = batch_size * grad_accum
-    return [
-        [
-            (list(range(start + m, start + m + batch_size)), True)
-            for m in range(0, per_step, batch_size)
-        ]
-        for start in range(0, n_steps * per_step, per_step)
-    ]
+    of batch_size (or of at most `micro_batch_tokens`): the same examples per step whatever the
+    micro-batch."""
+    from tuneoff.batching import split_by_tokens
+
+    per_step = cfg.batch_size * cfg.grad_accum
+    windows = []
+    for start in range(0, n_steps * per_step, per_step):
+        step = list(range(start, start + per_step))
+        if cfg.micro_batch_tokens:
+            budget, batching = cfg.micro_batch_tokens, cfg.batching
+            micro = split_by_tokens(step, lengths, budget, batching, cfg.max_seq_len)
+        else:
+            micro = [step[m : m + cfg.batch_size] for m in range(0, per_step, cfg.batch_size)]
+        windows.append([(idx, True) for idx in micro])
+    return windows
 
 
 def _dtypes(model: torch.nn.Module, trainable: bool) -> dict[str, int]:
@@ -219,7 +223,7 @@ def tuneoff_worker(spec: dict[str, Any]) -> dict[str, Any]:
     scheduler = make_scheduler(optimizer, cfg, warmup + steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     cfg = choose_batching(model, cfg, device)
-    windows = windows_of(warmup + steps, cfg.batch_size, cfg.grad_accum)
+    windows = windows_of(warmup + steps, cfg, [len(e.input_ids) for e in examples])
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     schedule = [m for w in windows for m in w]
     loader = iter(make_loader(examples, schedule, pad_id, cfg, device, model))
@@ -274,6 +278,7 @@ def tuneoff_worker(spec: dict[str, Any]) -> dict[str, Any]:
         "loss_chunk_size": cfg.loss_chunk_size,
         "batch_size": cfg.batch_size,
         "grad_accum": cfg.grad_accum,
+        "micro_batch_tokens": cfg.micro_batch_tokens,
         "batch_shapes": shapes,
         "batch_keys": keys,
         "frozen_dtypes": _dtypes(accelerator.unwrap_model(model), trainable=False),
@@ -289,7 +294,7 @@ def _micro_tokens(examples: list[Example], cfg: Config, n_steps: int) -> float |
     from tuneoff.train import micro_batch_tokens
 
     used = examples[: n_steps * cfg.batch_size * cfg.grad_accum]
-    return micro_batch_tokens(used, cfg.batch_size)
+    return micro_batch_tokens(used, cfg)
 
 
 def _window_tensor_peak(model, accelerator, micro: list[dict], cfg: Config) -> float:

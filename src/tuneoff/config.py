@@ -97,6 +97,11 @@ class Config:
     fused_optimizer: bool = True  # fused AdamW kernel, CUDA and CPU (false: torch's foreach)
     memory_budget: str | None = None  # e.g. 16GiB: caps this process's CUDA memory
     batching: str = "packed"  # packed (no padding) | longest (pad to batch max) | padded
+    # > 0: an optimizer step's examples (batch_size x grad_accum per process) are cut, in
+    # order, into micro-batches of at most this many tokens (slots where rows are padded)
+    # instead of batch_size examples: the same examples and update, a bounded micro-batch.
+    # At least max_seq_len (one example may be that long). 0: batch_size examples each.
+    micro_batch_tokens: int = 0
     # packed rows: varlen (attention per example, one row per micro-batch) | mask (sdpa with a
     # block-diagonal mask over rows of about max_seq_len)
     packed_attention: str = "varlen"
@@ -134,6 +139,7 @@ class Config:
                 raise ConfigError(f"config key '{key}': must be >= 1, got {getattr(self, key)}")
         nonneg = ("weight_decay", "warmup_steps", "max_grad_norm", "eval_every", "num_workers")
         nonneg += ("gen_examples", "gen_max_new_tokens", "lr", "lora_alpha", "loss_chunk_size")
+        nonneg += ("micro_batch_tokens",)
         for key in nonneg:
             if getattr(self, key) < 0:
                 raise ConfigError(f"config key '{key}': must be >= 0, got {getattr(self, key)}")
@@ -148,6 +154,11 @@ class Config:
                 )
         if self.val_fraction + self.test_fraction >= 1:
             raise ConfigError("config keys 'val_fraction' + 'test_fraction' must be below 1")
+        if 0 < self.micro_batch_tokens < self.max_seq_len:
+            raise ConfigError(
+                f"config key 'micro_batch_tokens': {self.micro_batch_tokens} is below max_seq_len "
+                f"({self.max_seq_len}), which one example may fill; use 0 (off) or at least that"
+            )
         if not self.lora_target_modules:
             raise ConfigError("config key 'lora_target_modules': name at least one module")
 

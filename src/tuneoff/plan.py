@@ -234,6 +234,7 @@ def settings_of(cfg: Config, runtime: Runtime) -> dict[str, Any]:
         "batching": cfg.batching,
         "batch_size": cfg.batch_size,
         "grad_accum": cfg.grad_accum,
+        "micro_batch_tokens": cfg.micro_batch_tokens,
         "max_seq_len": cfg.max_seq_len,
         "eval_batch_size": cfg.eval_batch_size,
     }
@@ -378,7 +379,10 @@ def _ladder(cfg: Config, runtime: Runtime, pred: Prediction) -> list[tuple[dict,
         steps.append(({"weights_dtype": "bf16"}, "bf16 weights with stochastic rounding"))
     if not cfg.gradient_checkpointing:
         steps.append(({"gradient_checkpointing": True}, "about 30% more compute per step"))
-    if cfg.batch_size > 1:
+    if cfg.micro_batch_tokens >= 2 * cfg.max_seq_len:
+        change = {"micro_batch_tokens": cfg.micro_batch_tokens // 2}
+        steps.append((change, "same effective batch; smaller micro-batches, lower throughput"))
+    elif cfg.batch_size > 1 and not cfg.micro_batch_tokens:
         change = {"batch_size": cfg.batch_size // 2, "grad_accum": cfg.grad_accum * 2}
         steps.append((change, "same effective batch; smaller micro-batches, lower throughput"))
     return steps

@@ -495,11 +495,17 @@ def format_plan(result: dict[str, Any]) -> str:
         f"{rt['device']} {rt['precision']} ({rt['reason']})"
     )
     first = arms[names[0]]["prediction"]["settings"]
-    head += (
-        f"\nmicro-batch {first['batch_size']} x {first['max_seq_len']} tokens "
-        f"({first['batching']}), accumulation {first['grad_accum']}, "
-        f"eval batch {first['eval_batch_size']}; every value in GiB"
+    micro = (
+        f"micro-batch {first['batch_size']} x {first['max_seq_len']} tokens "
+        f"({first['batching']}), accumulation {first['grad_accum']}"
     )
+    if first.get("micro_batch_tokens"):
+        step = first["batch_size"] * first["grad_accum"]
+        micro = (
+            f"micro-batches of at most {first['micro_batch_tokens']:,} tokens "
+            f"({first['batching']}), {step} examples per optimizer step"
+        )
+    head += f"\n{micro}, eval batch {first['eval_batch_size']}; every value in GiB"
     rows = []
     for key, label in PLAN_ROWS:
         rows.append(

@@ -179,15 +179,20 @@ def _flash_on_meta(fp32_attention: bool = False):
 
 def trace_batch(cfg: Config, device: str, eval_batch: bool = False) -> dict[str, torch.Tensor]:
     """The largest micro-batch the arm can see: every sequence at max_seq_len and every
-    position supervised (peak memory is set by the worst batch). Packed training batches: one
-    row, with the position ids that tell varlen attention where each example starts
-    (evaluation batches are always padded)."""
+    position supervised (peak memory is set by the worst batch). With `micro_batch_tokens`:
+    as many tokens as it allows (packed: exactly that many; padded rows: as many whole rows),
+    at most a step's examples. Packed training batches: one row, with the position ids that
+    tell varlen attention where each example starts (evaluation batches are always padded)."""
     rows = cfg.eval_batch_size if eval_batch else cfg.batch_size
+    tokens = rows * cfg.max_seq_len
+    if cfg.micro_batch_tokens and not eval_batch:
+        tokens = min(cfg.batch_size * cfg.grad_accum * cfg.max_seq_len, cfg.micro_batch_tokens)
+        rows = tokens // cfg.max_seq_len
     if cfg.batching != "packed" or eval_batch:
         ids = torch.zeros((rows, cfg.max_seq_len), dtype=torch.long, device=device)
         return {"input_ids": ids, "labels": ids.clone()}
-    ids = torch.zeros((1, rows * cfg.max_seq_len), dtype=torch.long, device=device)
-    positions = torch.arange(cfg.max_seq_len, device=device).repeat(rows)[None]
+    ids = torch.zeros((1, tokens), dtype=torch.long, device=device)
+    positions = (torch.arange(tokens, device=device) % cfg.max_seq_len)[None]
     return {"input_ids": ids, "labels": ids.clone(), "position_ids": positions}
 
 

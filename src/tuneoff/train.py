@@ -28,6 +28,7 @@ from tuneoff.batching import (
     make_batch,
     packed_row_tokens,
     packing_isolates,
+    split_by_tokens,
     supervised_tokens,
 )
 from tuneoff.checkpoint import load_checkpoint, save_checkpoint
@@ -92,14 +93,21 @@ def epoch_windows(
     """This process's micro-batches of one epoch, grouped by accumulation window. Each entry is
     (example indices, supervised). A process left without a batch in the last window gets a
     copy of another's with supervision off, since DDP needs every process in each backward.
-    `lengths` (the examples' token counts) are used when `group_by_length` is on."""
-    lengths = lengths if cfg.group_by_length else None
-    batches = epoch_batches(n_examples, cfg.batch_size, cfg.seed, epoch, lengths)
+    `lengths` (the examples' token counts) group batches when `group_by_length` is on, and cut
+    a window's examples by tokens when `micro_batch_tokens` is."""
+    grouping = lengths if cfg.group_by_length else None
+    batches = epoch_batches(n_examples, cfg.batch_size, cfg.seed, epoch, grouping)
     size = cfg.grad_accum * world
     out = []
     for start in range(0, len(batches), size):
         window = batches[start : start + size]
         mine = [(b, True) for b in window[rank::world]] or [(window[0], False)]
+        if cfg.micro_batch_tokens and lengths is not None and mine[0][1]:
+            examples = [i for b, _ in mine for i in b]
+            cut = split_by_tokens(
+                examples, lengths, cfg.micro_batch_tokens, cfg.batching, cfg.max_seq_len
+            )
+            mine = [(b, True) for b in cut]
         out.append(mine)
     return out
 
@@ -353,7 +361,7 @@ def run_arm(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     data, counts = {}, {}
     for name, records in splits.items():
         data[name], counts[name] = tokenize_split(records, tokenizer, cfg)
-    runtime = choose_runtime(cfg, micro_batch_tokens(data["train"], cfg.batch_size))
+    runtime = choose_runtime(cfg, micro_batch_tokens(data["train"], cfg))
     log.info("device %s, precision %s (%s)", runtime.device, runtime.precision, runtime.reason)
     accelerator = Accelerator(cpu=runtime.device == "cpu", mixed_precision=runtime.mixed_precision)
     budget = apply_memory_budget(cfg, runtime)
@@ -398,11 +406,16 @@ def run_arm(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     return summary
 
 
-def micro_batch_tokens(examples: list[Example], batch_size: int) -> float | None:
+def micro_batch_tokens(examples: list[Example], cfg: Config) -> float | None:
     """Mean tokens of a micro-batch of these examples (what CPU `precision=auto` weighs)."""
     if not examples:
         return None
-    return sum(len(e.input_ids) for e in examples) / len(examples) * min(batch_size, len(examples))
+    mean = sum(len(e.input_ids) for e in examples) / len(examples)
+    tokens = mean * min(cfg.batch_size, len(examples))
+    if cfg.micro_batch_tokens:  # about as full as the budget allows, at most a step's worth
+        step = mean * min(cfg.batch_size * cfg.grad_accum, len(examples))
+        tokens = min(step, max(cfg.micro_batch_tokens - mean / 2, mean))
+    return tokens
 
 
 def apply_memory_budget(cfg: Config, runtime: Runtime) -> int | None:
