@@ -1,5 +1,6 @@
 """Data-parallel training under torchrun (2 CPU processes, gloo): one run directory, one report,
-and the same updates as one process accumulating the same micro-batches."""
+and the same updates as one process accumulating the same micro-batches, also when each process
+cuts its examples by tokens (`micro_batch_tokens`: unequal micro-batch counts per process)."""
 
 from __future__ import annotations
 
@@ -39,4 +40,14 @@ def test_two_processes_equal_one_process_accumulating_their_micro_batches(tmp_pa
     ddp_train, one_train = s_ddp["training"], s_one["training"]
     assert ddp_train["train_supervised_tokens"] == one_train["train_supervised_tokens"]
     assert s_ddp["metrics"]["val"]["loss"] == pytest.approx(s_one["metrics"]["val"]["loss"],
+                                                            rel=1e-5)  # fmt: skip
+    cut = run([*torchrun, "-m", "tuneoff", "train", "--output-dir", str(tmp_path / "cut"),
+               *ARGS, "grad_accum=1", "batch_size=32", "micro_batch_tokens=256"])  # fmt: skip
+    assert cut.returncode == 0, cut.stderr[-2000:]
+    one32 = run([sys.executable, "-m", "tuneoff", "train", "--output-dir", str(tmp_path / "o32"),
+                 *ARGS, "grad_accum=2", "batch_size=32"])  # fmt: skip
+    assert one32.returncode == 0, one32.stderr[-2000:]
+    s_cut = json.loads((tmp_path / "cut" / "full" / "summary.json").read_text())
+    s_o32 = json.loads((tmp_path / "o32" / "full" / "summary.json").read_text())
+    assert s_cut["metrics"]["val"]["loss"] == pytest.approx(s_o32["metrics"]["val"]["loss"],
                                                             rel=1e-5)  # fmt: skip
