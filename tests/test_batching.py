@@ -19,7 +19,7 @@ from tuneoff.batching import (
     supervised_tokens,
 )
 from tuneoff.config import Config, ConfigError
-from tuneoff.data import IGNORE, tokenize_split
+from tuneoff.data import IGNORE, Example, tokenize_split
 from tuneoff.loss import forward_loss
 from tuneoff.model import prepare_model
 
@@ -232,6 +232,13 @@ def test_token_budget_cuts_each_step_into_bounded_micro_batches(batching):
             assert micro_batch_cost([lengths[i] for i in micro], batching, 64) <= 150
             sizes.add(len(micro))
     assert len(sizes) > 1 if batching != "padded" else sizes == {2}  # 150 // 64 rows
+    if batching == "packed":  # what CPU precision=auto weighs: the micro-batches' mean tokens
+        from tuneoff.train import micro_batch_tokens
+
+        examples = [Example([0] * n, [0] * n, False) for n in lengths]
+        actual = [sum(lengths[i] for i in b) for w in by_tokens for b, _ in w]
+        estimate = micro_batch_tokens(examples, budget)
+        assert estimate == pytest.approx(sum(actual) / len(actual), rel=0.15)
     with pytest.raises(ConfigError, match="below max_seq_len"):
         plain.replace(micro_batch_tokens=63)
 

@@ -411,11 +411,12 @@ def micro_batch_tokens(examples: list[Example], cfg: Config) -> float | None:
     if not examples:
         return None
     mean = sum(len(e.input_ids) for e in examples) / len(examples)
-    tokens = mean * min(cfg.batch_size, len(examples))
-    if cfg.micro_batch_tokens:  # about as full as the budget allows, at most a step's worth
-        step = mean * min(cfg.batch_size * cfg.grad_accum, len(examples))
-        tokens = min(step, max(cfg.micro_batch_tokens - mean / 2, mean))
-    return tokens
+    if not cfg.micro_batch_tokens:
+        return mean * min(cfg.batch_size, len(examples))
+    # A step's tokens spread evenly over as many micro-batches as the budget needs (each
+    # filled to about half an example short of it).
+    step = mean * min(cfg.batch_size * cfg.grad_accum, len(examples))
+    return step / math.ceil(step / max(cfg.micro_batch_tokens - mean / 2, mean))
 
 
 def apply_memory_budget(cfg: Config, runtime: Runtime) -> int | None:
