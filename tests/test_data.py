@@ -239,6 +239,17 @@ def test_conversations_need_a_chat_template_and_a_stable_one():
     )
     with pytest.raises(DataError, match="renders turns 1-4 differently"):
         tokenize({"messages": CHAT}, tok, Config())
+    # a template that refuses a role (as Gemma's refuses system turns): one line, which record
+    tok.chat_template = (
+        "{% for m in messages %}{% if m.role == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}"
+        "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    good = {"messages": CHAT[1:]}
+    assert tokenize(good, tok, Config()) is not None
+    with pytest.raises(DataError, match="record 2 of the split: .*System role not supported"):
+        tokenize_split([good, {"messages": CHAT}], tok, Config())
 
 
 @pytest.mark.parametrize(

@@ -307,7 +307,16 @@ def response_text(record: dict) -> str:
 
 
 def _chat_template(tokenizer: Any, turns: list[dict], **kwargs: Any) -> str:
-    return tokenizer.apply_chat_template(turns, tokenize=False, **kwargs)
+    from jinja2 import TemplateError  # what a template's own raise_exception raises
+
+    try:
+        return tokenizer.apply_chat_template(turns, tokenize=False, **kwargs)
+    except TemplateError as err:  # e.g. "System role not supported"
+        roles = "/".join(dict.fromkeys(t["role"] for t in turns))
+        raise DataError(
+            f"the model's chat template refuses a conversation of {roles} turns ({err}); "
+            "drop or merge those turns (e.g. the system turn into the first user turn)"
+        ) from None
 
 
 def prompt_text(record: dict, tokenizer: Any) -> str:
@@ -413,8 +422,11 @@ def tokenize_split(
     records: list[dict], tokenizer: Any, cfg: Config
 ) -> tuple[list[Example], dict[str, int]]:
     examples, dropped = [], 0
-    for record in records:
-        example = tokenize(record, tokenizer, cfg)
+    for i, record in enumerate(records, 1):
+        try:
+            example = tokenize(record, tokenizer, cfg)
+        except DataError as err:
+            raise DataError(f"record {i} of the split: {err}") from None
         if example is None:
             dropped += 1
         else:
