@@ -13,8 +13,10 @@
 # ~24k tokens a micro-batch, so that the step waits on the GPU rather than on kernel launches,
 # which a 2026-11-28 profile found the LoRA step waiting on at micro-batch 4; the planner
 # predicts 56 / 83 / 103 GiB),
-# bench_arms.json (every arm's raw result, also when a part
-# timed out) and gpu_bench.log.
+# bench_budget.json (lora with micro_batch_tokens=8192 on bench_main's examples and steps:
+# about two micro-batches a step instead of four, half the launches where they bound the step;
+# last, so that a timeout loses only it), bench_arms.json (every arm's raw result, also when a
+# part timed out) and gpu_bench.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/tuneoff-gpu-out}
@@ -44,7 +46,7 @@ if [ -f benchmarks/gpu_memory.py ]; then
 fi
 
 echo "== bench main ($(($(date +%s) - started)) s)"
-rm -rf /tmp/bench-main /tmp/bench-large
+rm -rf /tmp/bench-main /tmp/bench-large /tmp/bench-budget
 timeout 190 python3 -m tuneoff bench --model "$MODEL" --methods lora,full --baselines seed,trl \
     --steps 8 --warmup-steps 2 --work-dir /tmp/bench-main batch_size=16 grad_accum=4 \
     || echo "bench main: exit $?"
@@ -57,11 +59,18 @@ timeout 100 python3 -m tuneoff bench --model "$MODEL" \
     || echo "bench large: exit $?"
 cp /tmp/bench-large/bench.json "$OUT/bench_large.json" 2>/dev/null
 
+echo "== bench token budget ($(($(date +%s) - started)) s)"
+rm -rf /tmp/bench-budget
+timeout 60 python3 -m tuneoff bench --model "$MODEL" --methods lora:micro_batch_tokens=8192 \
+    --baselines none --steps 8 --warmup-steps 2 --work-dir /tmp/bench-budget batch_size=16 \
+    grad_accum=4 || echo "bench budget: exit $?"
+cp /tmp/bench-budget/bench.json "$OUT/bench_budget.json" 2>/dev/null
+
 python3 - "$OUT/bench_arms.json" <<'PY'
 import json, sys
 from pathlib import Path
 arms = {}
-for run in ("bench-main", "bench-large"):
+for run in ("bench-main", "bench-large", "bench-budget"):
     for path in sorted(Path("/tmp", run).glob("*.json")):
         if not path.name.endswith(".spec.json") and path.name not in ("bench.json", "examples.json"):
             arms[f"{run}/{path.stem}"] = json.loads(path.read_text())
