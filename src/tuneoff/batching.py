@@ -112,10 +112,13 @@ def make_batch(
 def micro_batch_cost(lengths: list[int], batching: str, max_seq_len: int) -> int:
     """Tokens a micro-batch of examples of these lengths occupies: their sum when packed,
     rows x the longest (padded to the longest) or rows x max_seq_len (padded)."""
+    return _cost(len(lengths), sum(lengths), max(lengths), batching, max_seq_len)
+
+
+def _cost(rows: int, total: int, longest: int, batching: str, max_seq_len: int) -> int:
     if batching == "packed":
-        return sum(lengths)
-    width = max(lengths) if batching == "longest" else max(max_seq_len, *lengths)
-    return len(lengths) * width
+        return total
+    return rows * (longest if batching == "longest" else max(max_seq_len, longest))
 
 
 def split_by_tokens(
@@ -126,27 +129,36 @@ def split_by_tokens(
     balanced: the largest is as small as that many allow, so that a step is not one full
     micro-batch and a small remainder."""
 
-    def cut(cap: int) -> list[list[int]]:
+    def cut(cap: int) -> tuple[list[list[int]], int]:
+        """The micro-batches under `cap`, and the largest one's cost (one pass, running sums)."""
         out: list[list[int]] = []
+        rows = total = longest = largest = 0
         for i in indices:
-            grown = [lengths[j] for j in (*out[-1], i)] if out else []
-            if out and micro_batch_cost(grown, batching, max_seq_len) <= cap:
+            n = lengths[i]
+            grown = _cost(rows + 1, total + n, max(longest, n), batching, max_seq_len)
+            if out and grown <= cap:
                 out[-1].append(i)
+                rows, total, longest = rows + 1, total + n, max(longest, n)
             else:
                 out.append([i])
-        return out
+                rows, total, longest = 1, n, n
+                grown = _cost(1, n, n, batching, max_seq_len)
+            largest = max(largest, grown)
+        return out, largest
 
-    fewest = cut(budget)
-    high = min(budget, max(micro_batch_cost([lengths[i] for i in b], batching, max_seq_len)
-                           for b in fewest))  # fmt: skip
-    low = min(high, max(micro_batch_cost([lengths[i]], batching, max_seq_len) for i in indices))
+    fewest, largest = cut(budget)
+    if len(fewest) < 2:
+        return fewest
+    high = min(budget, largest)
+    single = max(_cost(1, lengths[i], lengths[i], batching, max_seq_len) for i in indices)
+    low = min(high, single)
     while low < high:  # the smallest cap that needs no more micro-batches
         mid = (low + high) // 2
-        if len(cut(mid)) <= len(fewest):
+        if len(cut(mid)[0]) <= len(fewest):
             high = mid
         else:
             low = mid + 1
-    return cut(low) if len(fewest) > 1 else fewest
+    return cut(low)[0]
 
 
 def epoch_batches(
