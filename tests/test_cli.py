@@ -116,3 +116,18 @@ def test_existing_directories_are_never_overwritten_silently(common, capsys, tmp
 def test_inspect_of_a_non_run_is_a_one_line_error(capsys, tmp_path):
     code, err = run_cli(["inspect", str(tmp_path)], capsys)
     assert_one_line_error(code, err, "not a tuneoff run")
+
+
+def test_overrides_may_follow_options_and_unknown_options_stay_errors(capsys):
+    def plan(*argv: str) -> dict:
+        assert main(["plan", *argv]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    default = plan("--preset", "tiny", "--json")
+    before = plan("max_seq_len=96", "--preset", "tiny", "--json")
+    after = plan("--preset", "tiny", "--json", "max_seq_len=96")
+    assert after == before != default
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", "--preset", "tiny", "--no-such-flag", "max_seq_len=128"])
+    assert exit_info.value.code == 2
+    assert "--no-such-flag" in capsys.readouterr().err

@@ -1,6 +1,7 @@
-"""Data-parallel training under torchrun (2 CPU processes, gloo): one run directory, one report,
-and the same updates as one process accumulating the same micro-batches, also when each process
-cuts its examples by tokens (`micro_batch_tokens`: unequal micro-batch counts per process)."""
+"""Several processes under torchrun (2 CPU processes, gloo): DDP and FSDP2 give one run directory,
+one report, and the updates of one process accumulating the same micro-batches (also when each
+process cuts its examples by tokens); FSDP2 gathers shards to save, and resumes from a checkpoint
+whatever the world size that wrote it."""
 
 from __future__ import annotations
 
@@ -9,30 +10,65 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 
 ARGS = ["--method", "full", "--limit", "300", "--max-steps", "6", "gen_examples=0",
         "save_checkpoints=false", "eval_batch_size=32"]  # fmt: skip
+# What `accelerate launch --use_fsdp --fsdp_version 2 --fsdp_auto_wrap_policy
+# TRANSFORMER_BASED_WRAP` puts in each process's environment.
+FSDP2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
+         "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP"}  # fmt: skip
+FSDP_ON_CPU = str(Path(__file__).with_name("fsdp_on_cpu.py"))
 
 
-def run(cmd: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
-def test_two_processes_equal_one_process_accumulating_their_micro_batches(tmp_path):
-    torchrun = [shutil.which("torchrun"), "--standalone", "--nproc_per_node", "2"]
-    ddp = run([*torchrun, "-m", "tuneoff", "train", "--output-dir", str(tmp_path / "ddp"),
-               *ARGS, "grad_accum=1"])  # fmt: skip
+def torchrun(*args: str, fsdp: bool = False, **env: str) -> subprocess.CompletedProcess:
+    launch = [shutil.which("torchrun"), "--standalone", "--nproc_per_node", "2"]
+    if fsdp:
+        return run([*launch, FSDP_ON_CPU, *args], **FSDP2, **env)
+    return run([*launch, "-m", "tuneoff", *args], **env)
+
+
+def one_process(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "tuneoff", *args], **env)
+
+
+def summary(run_dir: Path, arm: str = "full") -> dict:
+    return json.loads((run_dir / arm / "summary.json").read_text())
+
+
+def train_losses(run_dir: Path, arm: str = "full") -> dict[int, float]:
+    """Step -> logged loss; fails if a step is logged twice (one writer for all processes)."""
+    lines = (run_dir / arm / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines if '"train"' in line]
+    assert len({r["step"] for r in rows}) == len(rows)
+    return {r["step"]: r["loss"] for r in rows}
+
+
+@pytest.fixture(scope="module")
+def accumulating(tmp_path_factory) -> Path:
+    """One process accumulating 2 micro-batches per step: what 2 processes x 1 must equal."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    done = one_process("train", "--output-dir", str(out), *ARGS, "grad_accum=2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
+def test_two_processes_equal_one_process_accumulating_their_micro_batches(tmp_path, accumulating):
+    ddp = torchrun("train", "--output-dir", str(tmp_path / "ddp"), *ARGS, "grad_accum=1")
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     assert ddp.stdout.count("report:") == 1  # only rank 0 writes the report
-    one = run([sys.executable, "-m", "tuneoff", "train", "--output-dir", str(tmp_path / "one"),
-               *ARGS, "grad_accum=2"])  # fmt: skip
-    assert one.returncode == 0, one.stderr[-2000:]
-    s_ddp = json.loads((tmp_path / "ddp" / "full" / "summary.json").read_text())
-    s_one = json.loads((tmp_path / "one" / "full" / "summary.json").read_text())
+    s_ddp, s_one = summary(tmp_path / "ddp"), summary(accumulating)
     assert s_ddp["runtime"]["world_size"] == 2 and s_one["runtime"]["world_size"] == 1
     # Rank r takes micro-batch r of each window: the same examples per optimizer step, and the
     # loss is normalized by the supervised tokens of the whole window across processes.
@@ -41,13 +77,71 @@ def test_two_processes_equal_one_process_accumulating_their_micro_batches(tmp_pa
     assert ddp_train["train_supervised_tokens"] == one_train["train_supervised_tokens"]
     assert s_ddp["metrics"]["val"]["loss"] == pytest.approx(s_one["metrics"]["val"]["loss"],
                                                             rel=1e-5)  # fmt: skip
-    cut = run([*torchrun, "-m", "tuneoff", "train", "--output-dir", str(tmp_path / "cut"),
-               *ARGS, "grad_accum=1", "batch_size=32", "micro_batch_tokens=256"])  # fmt: skip
+    # The logged loss is the window's over both processes, written once.
+    assert train_losses(tmp_path / "ddp") == pytest.approx(train_losses(accumulating), rel=1e-5)
+    cut = torchrun("train", "--output-dir", str(tmp_path / "cut"), *ARGS, "grad_accum=1",
+                   "batch_size=32", "micro_batch_tokens=256")  # fmt: skip
     assert cut.returncode == 0, cut.stderr[-2000:]
-    one32 = run([sys.executable, "-m", "tuneoff", "train", "--output-dir", str(tmp_path / "o32"),
-                 *ARGS, "grad_accum=2", "batch_size=32"])  # fmt: skip
+    one32 = one_process("train", "--output-dir", str(tmp_path / "o32"), *ARGS, "grad_accum=2",
+                        "batch_size=32")  # fmt: skip
     assert one32.returncode == 0, one32.stderr[-2000:]
-    s_cut = json.loads((tmp_path / "cut" / "full" / "summary.json").read_text())
-    s_o32 = json.loads((tmp_path / "o32" / "full" / "summary.json").read_text())
-    assert s_cut["metrics"]["val"]["loss"] == pytest.approx(s_o32["metrics"]["val"]["loss"],
-                                                            rel=1e-5)  # fmt: skip
+    assert summary(tmp_path / "cut")["metrics"]["val"]["loss"] == pytest.approx(
+        summary(tmp_path / "o32")["metrics"]["val"]["loss"], rel=1e-5
+    )
+
+
+def test_fsdp2_full_fine_tuning_equals_one_process_and_saves_whole_weights(tmp_path, accumulating):
+    fsdp = torchrun("train", "--output-dir", str(tmp_path / "fsdp"), *ARGS, "grad_accum=1",
+                    fsdp=True)  # fmt: skip
+    assert fsdp.returncode == 0, fsdp.stderr[-2000:]
+    assert fsdp.stdout.count("report:") == 1
+    s_fsdp, s_one = summary(tmp_path / "fsdp"), summary(accumulating)
+    assert s_fsdp["runtime"]["world_size"] == 2
+    assert "not predicted" in s_fsdp["memory_plan"]["error"]  # the planner knows no shards
+    assert s_fsdp["metrics"]["val"]["loss"] == pytest.approx(s_one["metrics"]["val"]["loss"],
+                                                             rel=1e-5)  # fmt: skip
+    assert train_losses(tmp_path / "fsdp") == pytest.approx(train_losses(accumulating), rel=1e-5)
+    # Gathered from both shards, tied head saved once, as one process saves it.
+    sharded = load_file(tmp_path / "fsdp" / "full" / "model" / "model.safetensors")
+    whole = load_file(accumulating / "full" / "model" / "model.safetensors")
+    assert sharded.keys() == whole.keys()
+    for name, weight in whole.items():
+        torch.testing.assert_close(sharded[name], weight, rtol=0, atol=1e-5)
+
+
+def test_fsdp2_lora_resumes_from_its_gathered_checkpoint_as_one_uninterrupted_process(tmp_path):
+    args = ["--method", "lora", "--limit", "160", "epochs=2", "gen_examples=2",
+            "eval_batch_size=32", "lora_dropout=0", "lr=1e-2"]  # fmt: skip
+    straight = one_process("train", "--output-dir", str(tmp_path / "one"), *args, "grad_accum=2")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    out = str(tmp_path / "fsdp")
+    cut = torchrun("train", "--output-dir", out, *args, "grad_accum=1", fsdp=True,
+                   TUNEOFF_TEST_INTERRUPT_AFTER_EPOCH="1")  # fmt: skip
+    assert cut.returncode != 0 and "--resume" in cut.stderr
+    assert not (tmp_path / "fsdp" / "lora" / "summary.json").exists()
+    saved = load_file(tmp_path / "fsdp" / "lora" / "checkpoint" / "trainable.safetensors")
+    assert saved and all("lora_" in name for name in saved)  # whole adapter tensors, no base
+    resumed = torchrun("train", "--output-dir", out, *args, "grad_accum=1", "--resume", fsdp=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert summary(tmp_path / "fsdp", "lora")["training"]["epochs_completed"] == 2
+    adapter = "lora/adapter/adapter_model.safetensors"
+    a, b = load_file(tmp_path / "fsdp" / adapter), load_file(tmp_path / "one" / adapter)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5)
+
+
+def test_fsdp1_deepspeed_and_8bit_adam_under_fsdp_are_refused_before_anything_is_written(
+    tmp_path,
+):
+    out = tmp_path / "x"
+    for env, extra, fix in (
+        ({"ACCELERATE_USE_FSDP": "true"}, [], "--fsdp_version 2"),
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, [], "--fsdp_version 2"),
+        (FSDP2, ["optimizer=adamw8bit"], "optimizer=adamw_lean"),
+    ):
+        done = one_process("train", "--output-dir", str(out), *ARGS, *extra, **env)
+        assert done.returncode == 2
+        assert done.stderr.startswith("tuneoff: error:") and fix in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+        assert not out.exists()

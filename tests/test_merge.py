@@ -9,7 +9,6 @@ import shutil
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 
 from tuneoff.cli import main
@@ -126,10 +125,11 @@ def test_overwrite_rules_and_bf16_output(run_dir, tmp_path, capsys):
 
 def test_qlora_adapter_merges_onto_the_dequantized_4bit_base(run_dir, tmp_path):
     bnb = pytest.importorskip("bitsandbytes", reason="QLoRA merge needs bitsandbytes")
-    arm = run_dir / "qlora"  # the lora arm's adapter, labelled as a qlora arm
-    shutil.copytree(run_dir / "lora", arm, dirs_exist_ok=True)
-    cfg = yaml.safe_load((arm / "config.yaml").read_text())
-    (arm / "config.yaml").write_text(yaml.safe_dump({**cfg, "method": "qlora"}))
+    run = tmp_path / "run"  # a qlora arm trained by `tuneoff train` beside the lora arm
+    shutil.copytree(run_dir, run)
+    assert main(["train", "--method", "qlora", "--output-dir", str(run), *TRAIN]) == 0
+    arm = run / "qlora"
+    assert (arm / "adapter" / "adapter_config.json").is_file()  # where merge and serve look
     report = merge_adapter(arm, tmp_path / "merged")
     assert report["quantized_base"]
     assert report["max_abs_diff"] <= 1e-4  # the merge itself, on the dequantized base

@@ -132,13 +132,14 @@ def test_the_last_partial_window_is_kept(tiny_model_dir, examples, tmp_path):
     )
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
 def test_resume_after_an_interruption_matches_an_uninterrupted_run(
-    tiny_model_dir, alpaca_file, tmp_path, monkeypatch
+    method, tiny_model_dir, alpaca_file, tmp_path, monkeypatch
 ):
     args = [
         "train",
         "--method",
-        "lora",
+        method,
         "--model",
         str(tiny_model_dir),
         "--dataset",
@@ -154,22 +155,23 @@ def test_resume_after_an_interruption_matches_an_uninterrupted_run(
     assert main([*args, "--output-dir", str(tmp_path / "straight")]) == 0
     monkeypatch.setenv("TUNEOFF_TEST_INTERRUPT_AFTER_EPOCH", "1")
     assert main([*args, "--output-dir", str(tmp_path / "resumed")]) == 130
-    assert not (tmp_path / "resumed" / "lora" / "summary.json").exists()
+    assert not (tmp_path / "resumed" / method / "summary.json").exists()
     monkeypatch.delenv("TUNEOFF_TEST_INTERRUPT_AFTER_EPOCH")
     assert main([*args, "--output-dir", str(tmp_path / "resumed")]) == 2  # exists: needs --resume
     assert main([*args, "--output-dir", str(tmp_path / "resumed"), "--resume"]) == 0
-    straight = load_file(tmp_path / "straight/lora/adapter/adapter_model.safetensors")
-    resumed = load_file(tmp_path / "resumed/lora/adapter/adapter_model.safetensors")
+    weights = "adapter/adapter_model.safetensors" if method == "lora" else "model/model.safetensors"
+    straight = load_file(tmp_path / "straight" / method / weights)
+    resumed = load_file(tmp_path / "resumed" / method / weights)
     assert straight.keys() == resumed.keys()
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
     rows = [
         json.loads(x)
-        for x in (tmp_path / "resumed/lora/metrics.jsonl").read_text().split("\n")
+        for x in (tmp_path / "resumed" / method / "metrics.jsonl").read_text().split("\n")
         if x
     ]
     steps = [r["step"] for r in rows if r["event"] == "train"]
     assert steps == sorted(set(steps))  # no step logged twice
-    summary = json.loads((tmp_path / "resumed/lora/summary.json").read_text())
+    summary = json.loads((tmp_path / "resumed" / method / "summary.json").read_text())
     assert summary["training"]["epochs_completed"] == 2
     assert len(summary["training"]["epoch_times_s"]) == 2

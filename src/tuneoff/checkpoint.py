@@ -1,5 +1,9 @@
 """Epoch-end checkpoints for `--resume`: trainable weights, optimizer state and RNG states in
-safetensors, everything else in JSON. Never pickle."""
+safetensors, everything else in JSON. Never pickle.
+
+Weights and optimizer state go through torch's distributed state-dict API as whole tensors named
+by parameter, so one format serves one process, DDP and FSDP (whose shards are gathered to the
+main process to save and cut again from the whole tensors on resume), whatever the world size."""
 
 from __future__ import annotations
 
@@ -13,20 +17,31 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
+def _options(**kwargs: Any):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, ignore_frozen_params=True, **kwargs)
+
+
 def save_checkpoint(path: Path, model, optimizer, scheduler, accelerator, state: Any) -> None:
     """Trainable weights, optimizer state and RNG in safetensors, the rest in JSON (no pickle).
-    Written to a temporary directory and renamed, so a crash never leaves half a checkpoint."""
+    Every process calls it (FSDP gathers shards); the main process writes, to a temporary
+    directory renamed at the end, so a crash never leaves half a checkpoint."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    unwrapped = accelerator.unwrap_model(model)
+    weights, opt = get_state_dict(unwrapped, _inner(optimizer), options=_options(cpu_offload=True))
+    if not accelerator.is_main_process:
+        return
     tmp = path.with_name(path.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    unwrapped = accelerator.unwrap_model(model)
-    weights = {
-        n: p.detach().contiguous() for n, p in unwrapped.named_parameters() if p.requires_grad
-    }
+    names = _trainable(unwrapped)  # a tied head once, a frozen tied head not at all
+    weights = {n: w.contiguous() for n, w in weights.items() if n in names}
     save_file(weights, tmp / "trainable.safetensors")
-    opt = optimizer.state_dict()
+    # Parameter names contain dots, the optimizer's state keys (step, exp_avg, ...) do not.
     tensors = {
-        f"{pid}.{k}": v.contiguous()
-        for pid, s in opt["state"].items()
+        f"{name}.{k}": v.contiguous()
+        for name, s in opt["state"].items()
         for k, v in s.items()
         if torch.is_tensor(v)
     }
@@ -36,6 +51,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, accelerator, state:
     save_file(tensors, tmp / "optimizer.safetensors")
     scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
     meta = {
+        "format": 2,  # 1: optimizer state keyed by parameter index (before 2026-11-29)
         "train_state": asdict(state),
         "param_groups": opt["param_groups"],
         "scheduler": scheduler.state_dict(),
@@ -50,25 +66,78 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, accelerator, state:
         shutil.rmtree(old)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint this model or this version of tuneoff cannot resume from."""
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler, accelerator) -> dict[str, Any]:
-    unwrapped = accelerator.unwrap_model(model)
-    weights = load_file(path / "trainable.safetensors", device=str(accelerator.device))
-    missing = set(weights) - {n for n, _ in unwrapped.named_parameters()}
-    if missing:
-        raise ValueError(f"checkpoint {path} has weights this model lacks: {sorted(missing)[:3]}")
-    unwrapped.load_state_dict(weights, strict=False)
+    """Restores what `save_checkpoint` wrote; every process reads the files and keeps its part."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
     meta = json.loads((path / "state.json").read_text())
-    tensors = load_file(path / "optimizer.safetensors", device=str(accelerator.device))
-    torch.set_rng_state(tensors.pop("rng.cpu").cpu())
+    if meta.get("format") != 2:
+        raise CheckpointError(
+            f"checkpoint {path} was written by an older tuneoff: rerun without --resume "
+            "(with --overwrite) to start the arm again"
+        )
+    unwrapped = accelerator.unwrap_model(model)
+    weights = load_file(path / "trainable.safetensors")
+    if set(weights) != _trainable(unwrapped):
+        odd = sorted(set(weights) ^ _trainable(unwrapped))[:3]
+        raise CheckpointError(
+            f"checkpoint {path} does not hold this arm's trainable weights (differ: {odd}): "
+            "rerun without --resume (with --overwrite) to start the arm again"
+        )
+    tensors = load_file(path / "optimizer.safetensors")
+    torch.set_rng_state(tensors.pop("rng.cpu"))
     cuda_rng = tensors.pop("rng.cuda", None)
     if cuda_rng is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(cuda_rng.cpu())
-    opt_state: dict[int, dict[str, torch.Tensor]] = {}
+        torch.cuda.set_rng_state(cuda_rng)
+    opt_state: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        pid, name = key.split(".", 1)
-        opt_state.setdefault(int(pid), {})[name] = value
-    optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
+        name, k = key.rsplit(".", 1)
+        opt_state.setdefault(name, {})[k] = value
+    set_state_dict(
+        unwrapped,
+        _inner(optimizer),
+        model_state_dict=weights,
+        optim_state_dict={"state": opt_state, "param_groups": meta["param_groups"]},
+        options=_options(strict=False),  # checked above; tied weights are saved once
+    )
     scheduler.load_state_dict(meta["scheduler"])
     if meta["scaler"] is not None and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(meta["scaler"])
     return meta["train_state"]
+
+
+def gather_weights(model, trainable_only: bool) -> dict[str, torch.Tensor] | None:
+    """Whole weights on the main process's CPU from an FSDP-sharded model (every process calls
+    it; the others get an empty dict). None where weights are not sharded: save as they are."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
+
+    sharded = any(isinstance(p, DTensor) for p in model.parameters()) or any(
+        isinstance(m, FullyShardedDataParallel) for m in model.modules()
+    )  # FSDP2 shards parameters into DTensors, FSDP1 wraps modules
+    if not sharded:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only
+    )
+    weights = get_model_state_dict(model, options=options)
+    # Tied weights come back as separate copies under each name: keep one (the checkpoint the
+    # model loads from re-ties them), as save_pretrained does for unsharded models.
+    every = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    aliases = every - {n for n, _ in model.named_parameters()}
+    return {n: w for n, w in weights.items() if n not in aliases}
+
+
+def _trainable(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _inner(optimizer):
+    """The torch optimizer under Accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)

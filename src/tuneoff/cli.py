@@ -537,7 +537,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    # key=value overrides may follow options too (`train --max-steps 5 lr=1e-4`): argparse stops
+    # collecting a positional list at the first option.
+    late = [a for a in unknown if "=" in a and not a.startswith("-")]
+    if late and hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *late]
+        unknown = [a for a in unknown if a not in late]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     # bitsandbytes (imported by peft) warns on CPUs with bf16 about a kernel tuneoff never uses.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
@@ -547,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     # Variable batch shapes fragment the CUDA cache (reserved was 2x allocated without this).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    from tuneoff.checkpoint import CheckpointError
     from tuneoff.data import DataError
     from tuneoff.model import ModelError
 
@@ -563,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         return commands[args.command](args)
-    except (ConfigError, DataError, ModelError, UsageError) as err:
+    except (CheckpointError, ConfigError, DataError, ModelError, UsageError) as err:
         print(f"tuneoff: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

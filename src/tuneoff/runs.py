@@ -149,6 +149,7 @@ def train_arm(cfg: Config, overwrite: bool, resume: bool) -> tuple[Path, dict[st
     from tuneoff.model import ModelError, check_model
     from tuneoff.train import run_arm
 
+    check_launch(cfg)
     dist = _launched_processes(cfg)
     if dist is not None:  # every process must use rank 0's run name (it holds a timestamp)
         from accelerate.utils import broadcast_object_list
@@ -187,6 +188,33 @@ def train_arm(cfg: Config, overwrite: bool, resume: bool) -> tuple[Path, dict[st
         if not dist.is_main_process:
             return run_dir, None
     return run_dir, summary
+
+
+def check_launch(cfg: Config) -> None:
+    """Under `accelerate launch`: DDP and FSDP2 are supported (saving and resuming gather FSDP2's
+    shards; tested on CPU); FSDP1 and DeepSpeed are refused before anything is written. Reads the
+    environment `accelerate launch` sets, as Accelerate itself does."""
+
+    def on(name: str) -> bool:
+        return os.environ.get(name, "false").lower() == "true"
+
+    if on("ACCELERATE_USE_DEEPSPEED"):
+        raise UsageError(
+            "DeepSpeed is not supported yet: launch with FSDP2 (accelerate launch --use_fsdp "
+            "--fsdp_version 2 ...) or with DDP (torchrun, or accelerate launch without "
+            "--use_deepspeed)"
+        )
+    version = os.environ.get("FSDP_VERSION", "1")  # Accelerate's default
+    if on("ACCELERATE_USE_FSDP") and version != "2":
+        raise UsageError(
+            f"FSDP version {version} is not supported: launch with accelerate launch --use_fsdp "
+            "--fsdp_version 2 (FSDP2)"
+        )
+    if on("ACCELERATE_USE_FSDP") and cfg.optimizer == "adamw8bit":
+        raise UsageError(
+            "optimizer=adamw8bit does not run under FSDP (bitsandbytes' kernel takes no sharded "
+            "tensors): use optimizer=adamw or optimizer=adamw_lean"
+        )
 
 
 def _launched_processes(cfg: Config):

@@ -31,7 +31,7 @@ from tuneoff.batching import (
     split_by_tokens,
     supervised_tokens,
 )
-from tuneoff.checkpoint import load_checkpoint, save_checkpoint
+from tuneoff.checkpoint import gather_weights, load_checkpoint, save_checkpoint
 from tuneoff.config import Config, write_yaml
 from tuneoff.data import IGNORE, Example, read_splits, tokenize_split
 from tuneoff.evaluate import evaluate, evaluate_generation, evaluate_splits
@@ -151,8 +151,8 @@ def make_loader(
 def run_window(
     model, accelerator, micro_batches: list[dict[str, torch.Tensor]], chunk_size: int = 0
 ) -> tuple[float, int]:
-    """Forward and backward over one accumulation window; returns the window's mean loss and
-    this process's supervised tokens.
+    """Forward and backward over one accumulation window; returns the window's mean loss over
+    every process and this process's supervised tokens.
 
     Each micro-batch's summed loss is divided by the supervised tokens of the whole window
     (over all processes), so the gradient is the mean over every supervised token."""
@@ -175,6 +175,8 @@ def run_window(
             # DDP averages gradients over processes; multiply back so the window is one mean.
             accelerator.backward(part * accelerator.num_processes / max(total, 1))
         window_loss += part.detach().float()
+    if accelerator.num_processes > 1:
+        return float(accelerator.reduce(window_loss, "sum")) / max(total, 1), local
     return float(window_loss) / max(local, 1), local  # the window's only host sync
 
 
@@ -195,13 +197,15 @@ def train(
     optimizer = make_optimizer(model, cfg, device)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    cfg = choose_batching(model, cfg, device)
     state = TrainState()
-    if resume and (arm_dir / "checkpoint" / "state.json").is_file():
+    if resume and (arm_dir / "checkpoint" / "state.json").is_file():  # before any forward
         saved = load_checkpoint(arm_dir / "checkpoint", model, optimizer, scheduler, accelerator)
         state = TrainState(**saved)
         log.info("resuming after epoch %d, step %d", state.epoch, state.step)
-    metrics_log = MetricsLog(arm_dir / "metrics.jsonl", keep_until_step=state.step)
+    cfg = choose_batching(model, cfg, device)
+    metrics_log = MetricsLog(
+        arm_dir / "metrics.jsonl", state.step, write=accelerator.is_main_process
+    )
     bar = tqdm(
         total=total_steps,
         initial=state.step,
@@ -262,7 +266,7 @@ def train(
         state.epoch = epoch + 1
         state.epoch_times_s.append(watch.total_s - epoch_start)
         metrics_log.eval(model, data["val"], cfg, device, pad_id, state.step, epoch + 1)
-        if cfg.save_checkpoints and accelerator.is_main_process:
+        if cfg.save_checkpoints:  # every process: FSDP gathers its shards to the main one
             save_checkpoint(arm_dir / "checkpoint", model, optimizer, scheduler, accelerator, state)
         _maybe_interrupt(state.epoch)
     bar.close()
@@ -313,8 +317,10 @@ def _training_summary(state: TrainState, total: int, per_epoch: int) -> dict:
 class MetricsLog:
     """The per-step log `metrics.jsonl`; on resume, lines after the checkpoint are dropped."""
 
-    def __init__(self, path: Path, keep_until_step: int) -> None:
-        self.path = path
+    def __init__(self, path: Path, keep_until_step: int, write: bool = True) -> None:
+        self.path, self.writes = path, write  # under several processes, the main one writes
+        if not write:
+            return
         kept = []
         if keep_until_step and path.is_file():
             lines = path.read_text().splitlines()
@@ -322,6 +328,8 @@ class MetricsLog:
         path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, row: dict[str, Any]) -> None:
+        if not self.writes:
+            return
         with self.path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
 
@@ -364,6 +372,7 @@ def run_arm(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     runtime = choose_runtime(cfg, micro_batch_tokens(data["train"], cfg))
     log.info("device %s, precision %s (%s)", runtime.device, runtime.precision, runtime.reason)
     accelerator = Accelerator(cpu=runtime.device == "cpu", mixed_precision=runtime.mixed_precision)
+    sharded = getattr(accelerator.state, "fsdp_plugin", None) is not None  # FSDP2: runs.py
     budget = apply_memory_budget(cfg, runtime)
     arm_dir = run_dir / cfg.method
     arm_dir.mkdir(parents=True, exist_ok=True)
@@ -375,7 +384,12 @@ def run_arm(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     if cfg.compile:
         compile_model(model)
     summary = _summary_head(cfg, runtime, model, counts, manifest, accelerator)
-    summary["memory_plan"] = _memory_plan(cfg, runtime, budget)
+    summary["memory_plan"] = (
+        {"error": f"not predicted: the planner assumes one process holding the whole model, "
+                  f"this run shards it over {accelerator.num_processes} with FSDP"}
+        if sharded
+        else _memory_plan(cfg, runtime, budget)
+    )  # fmt: skip
     measure.reset_peak_memory(runtime.device)
     try:
         if cfg.method != "base":
@@ -391,13 +405,14 @@ def run_arm(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
         summary["generation"] = evaluate_generation(
             model, tokenizer, test, cfg, runtime.device, arm_dir
         )
-        summary["outputs"] = _save_outputs(accelerator.unwrap_model(model), tokenizer, cfg, arm_dir)
+        summary["outputs"] = _save_outputs(model, accelerator, tokenizer, cfg, arm_dir)
         summary["status"] = "ok"
     except torch.OutOfMemoryError as err:
         log.error("%s arm ran out of memory: %s", cfg.method, str(err).splitlines()[0])
         summary["status"], summary["error"] = "oom", str(err).splitlines()[0]
         summary["memory"] = measure.measure_memory(runtime.device)  # reached before the OOM
-        summary["advice"] = _memory_plan(cfg, runtime, budget, advice=True).get("advice")
+        if not sharded:
+            summary["advice"] = _memory_plan(cfg, runtime, budget, advice=True).get("advice")
     summary["memory_overall"] = measure.measure_memory(runtime.device)  # evaluation included
     summary.setdefault("memory", summary["memory_overall"])
     summary["total_time_s"] = time.perf_counter() - started
@@ -486,12 +501,18 @@ def _summary_head(cfg, runtime: Runtime, model, counts, manifest, accelerator) -
     }
 
 
-def _save_outputs(model, tokenizer, cfg: Config, arm_dir: Path) -> dict[str, str]:
-    """lora: PEFT adapter (PeftModel.from_pretrained); full: safetensors model
-    (AutoModelForCausalLM.from_pretrained); both with the tokenizer. base: nothing."""
+def _save_outputs(model, accelerator, tokenizer, cfg: Config, arm_dir: Path) -> dict[str, str]:
+    """lora/qlora: PEFT adapter (PeftModel.from_pretrained); full: safetensors model
+    (AutoModelForCausalLM.from_pretrained); both with the tokenizer. base: nothing. Every
+    process calls it (FSDP gathers the weights); the main process writes."""
     if cfg.method == "base":
         return {}
-    target = arm_dir / ("adapter" if cfg.method == "lora" else "model")
-    model.save_pretrained(target, safe_serialization=True)
-    tokenizer.save_pretrained(target)
+    target = arm_dir / ("model" if cfg.method == "full" else "adapter")
+    weights = gather_weights(model, trainable_only=cfg.method != "full")
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(
+            target, safe_serialization=True, state_dict=weights
+        )
+        tokenizer.save_pretrained(target)
+    accelerator.wait_for_everyone()
     return {cfg.method: target.name}
