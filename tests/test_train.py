@@ -4,6 +4,7 @@ max_steps, and resume from an epoch checkpoint."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -175,3 +176,25 @@ def test_resume_after_an_interruption_matches_an_uninterrupted_run(
     summary = json.loads((tmp_path / "resumed" / method / "summary.json").read_text())
     assert summary["training"]["epochs_completed"] == 2
     assert len(summary["training"]["epoch_times_s"]) == 2
+
+
+def test_resume_after_a_max_steps_stop_goes_on_mid_epoch(tiny_model_dir, alpaca_file, tmp_path):
+    """A run stopped by --max-steps in the middle of an epoch, resumed with more steps, trains
+    the rest of that epoch, as one run with the larger --max-steps does."""
+    args = ["train", "--method", "lora", "--model", str(tiny_model_dir), "--dataset",
+            str(alpaca_file), "--no-report", "batch_size=8", "grad_accum=1", "gen_examples=0",
+            "lr=1e-2", "warmup_steps=0", "lr_schedule=constant", "lora_dropout=0"]  # fmt: skip
+    assert main([*args, "--output-dir", str(tmp_path / "straight"), "--max-steps", "5"]) == 0
+    cut = str(tmp_path / "cut")
+    assert main([*args, "--output-dir", cut, "--max-steps", "2"]) == 0
+    assert main([*args, "--output-dir", cut, "--max-steps", "5", "--resume"]) == 0
+    weights = "lora/adapter/adapter_model.safetensors"
+    straight, resumed = load_file(tmp_path / "straight" / weights), load_file(Path(cut) / weights)
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-6)
+    rows = [json.loads(x) for x in (Path(cut) / "lora/metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["event"] == "train"]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5]
+    assert {r["epoch"] for r in train_rows} == {1}  # steps 3-5 are still epoch 1
+    summary = json.loads((Path(cut) / "lora/summary.json").read_text())["training"]
+    assert len(summary["epoch_times_s"]) == 1 and summary["optimizer_steps"] == 5

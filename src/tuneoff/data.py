@@ -263,16 +263,25 @@ def read_splits(directory: Path) -> tuple[dict[str, list[dict]], dict[str, Any]]
     return splits, manifest
 
 
+def check_splits(cfg: Config, directory: Path) -> dict | None:
+    """The manifest of `splits/` if it exists (None if not); it must come from the same data
+    settings."""
+    if not (directory / "manifest.json").is_file():
+        return None
+    manifest = json.loads((directory / "manifest.json").read_text())
+    if manifest["identity"] != split_identity(cfg):
+        raise DataError(
+            f"{directory} was made with other data settings ({manifest['identity']}); "
+            "use another --output-dir or the same dataset/seed/fractions"
+        )
+    return manifest
+
+
 def prepare_splits(cfg: Config, directory: Path, records: list[dict] | None = None) -> dict:
     """Write `splits/` unless it exists; if it exists, it must come from the same data settings.
     `records` (already loaded) saves loading the dataset twice."""
-    if (directory / "manifest.json").is_file():
-        manifest = json.loads((directory / "manifest.json").read_text())
-        if manifest["identity"] != split_identity(cfg):
-            raise DataError(
-                f"{directory} was made with other data settings ({manifest['identity']}); "
-                "use another --output-dir or the same dataset/seed/fractions"
-            )
+    manifest = check_splits(cfg, directory)
+    if manifest is not None:
         return manifest
     if records is None:
         records = load_records(cfg.dataset, cfg.dataset_split, cfg.dataset_config)

@@ -28,12 +28,25 @@ class UsageError(ValueError):
 
 
 def run_dir_of(cfg: Config) -> Path:
-    return Path(cfg.output_dir) if cfg.output_dir else Path("runs") / str(cfg.name)
+    if cfg.output_dir:
+        return Path(cfg.output_dir)
+    name = str(cfg.name)
+    # A name is one directory under runs/: "" or "../x" would make runs/ itself, or a place
+    # outside it, the run that --overwrite may delete.
+    if name in ("", ".", "..") or "/" in name or "\\" in name:
+        raise UsageError(
+            f"--name {name!r}: a run name is one directory under runs/ (no '/', not empty); "
+            "pass --output-dir for a path"
+        )
+    return Path("runs") / name
 
 
 def check_dir(path: Path, overwrite: bool, resume: bool) -> bool:
     """May `path` be used? True if it holds a run to replace (--overwrite). Raises otherwise.
     Only a tuneoff run may be replaced: nothing a user had is deleted or silently overwritten."""
+    blocked = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise UsageError(f"{blocked} is a file, not a directory: choose another --output-dir")
     if resume and not (path / MARKER).is_file():
         raise UsageError(f"no tuneoff run at {path} to resume: pass its --output-dir or --name")
     if not path.exists() or not any(path.iterdir()):
@@ -145,7 +158,7 @@ def train_arm(cfg: Config, overwrite: bool, resume: bool) -> tuple[Path, dict[st
     """One arm in this process (or in each process of `accelerate launch` / torchrun), into a
     new run or an existing one (another arm of it): the run directory and the arm's summary
     (None on a process other than the main one)."""
-    from tuneoff.data import DataError, prepare_splits
+    from tuneoff.data import DataError, check_splits, prepare_splits
     from tuneoff.model import ModelError, check_model
     from tuneoff.train import run_arm
 
@@ -165,7 +178,7 @@ def train_arm(cfg: Config, overwrite: bool, resume: bool) -> tuple[Path, dict[st
             f"{arm_dir} already exists: pass --overwrite to replace this arm or "
             "--resume to continue it"
         )
-    has_splits = (run_dir / "splits" / "manifest.json").is_file()
+    has_splits = check_splits(cfg, run_dir / "splits")  # before --overwrite deletes the arm
     records = None if has_splits else load_unless_split(cfg, run_dir, False)
     if dist is not None:
         dist.wait_for_everyone()  # every process checked before the main one writes

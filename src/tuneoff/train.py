@@ -33,7 +33,7 @@ from tuneoff.batching import (
 )
 from tuneoff.checkpoint import gather_weights, load_checkpoint, save_checkpoint
 from tuneoff.config import Config, write_yaml
-from tuneoff.data import IGNORE, Example, read_splits, tokenize_split
+from tuneoff.data import IGNORE, DataError, Example, read_splits, tokenize_split
 from tuneoff.evaluate import evaluate, evaluate_generation, evaluate_splits
 from tuneoff.loss import forward_loss
 from tuneoff.model import (
@@ -56,6 +56,7 @@ class TrainState:
 
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps taken
+    windows: int = 0  # accumulation windows done in epoch `epoch` (stopped by max_steps)
     epoch_times_s: list[float] = field(default_factory=list)
     tokens: int = 0
     supervised_tokens: int = 0
@@ -223,10 +224,12 @@ def train(
         epoch_start = watch.total_s
         lengths = [len(e.input_ids) for e in data["train"]]
         schedule = epoch_windows(len(data["train"]), cfg, epoch, rank, world, lengths)
+        begun = state.windows  # windows of this epoch done before a --resume
+        todo = schedule[begun:]
         loader = iter(
-            make_loader(data["train"], [m for w in schedule for m in w], pad_id, cfg, device, model)
+            make_loader(data["train"], [m for w in todo for m in w], pad_id, cfg, device, model)
         )
-        for window in schedule:
+        for window in todo:
             if state.step >= total_steps:
                 break
             with watch:
@@ -241,6 +244,7 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
             step_s = time.perf_counter() - step_start
             state.step += 1
+            state.windows += 1
             tokens = sum(len(data["train"][i].input_ids) for idx, _ in window for i in idx)
             state.tokens += tokens
             state.supervised_tokens += supervised
@@ -263,12 +267,18 @@ def train(
                 )
             if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps:
                 metrics_log.eval(model, data["val"], cfg, device, pad_id, state.step, epoch + 1)
-        state.epoch = epoch + 1
-        state.epoch_times_s.append(watch.total_s - epoch_start)
+        if begun:  # the rest of an epoch begun before a --resume: one epoch, one time
+            state.epoch_times_s[-1] += watch.total_s - epoch_start
+        else:
+            state.epoch_times_s.append(watch.total_s - epoch_start)
+        if state.windows == len(schedule):
+            state.epoch, state.windows = epoch + 1, 0
+        # else max_steps stopped mid-epoch: a --resume with more steps goes on from there
         metrics_log.eval(model, data["val"], cfg, device, pad_id, state.step, epoch + 1)
         if cfg.save_checkpoints:  # every process: FSDP gathers its shards to the main one
             save_checkpoint(arm_dir / "checkpoint", model, optimizer, scheduler, accelerator, state)
-        _maybe_interrupt(state.epoch)
+        if not state.windows:
+            _maybe_interrupt(state.epoch)
     bar.close()
     totals = _global_counts(state, accelerator)
     return {**_training_summary(totals, total_steps, per_epoch), "batching": cfg.batching}
@@ -369,6 +379,11 @@ def run_arm(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     data, counts = {}, {}
     for name, records in splits.items():
         data[name], counts[name] = tokenize_split(records, tokenizer, cfg)
+        if records and not data[name]:
+            raise DataError(
+                f"all {len(records)} {name} examples were dropped: not one response token fits "
+                f"in max_seq_len={cfg.max_seq_len}; raise max_seq_len"
+            )
     runtime = choose_runtime(cfg, micro_batch_tokens(data["train"], cfg))
     log.info("device %s, precision %s (%s)", runtime.device, runtime.precision, runtime.reason)
     accelerator = Accelerator(cpu=runtime.device == "cpu", mixed_precision=runtime.mixed_precision)

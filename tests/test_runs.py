@@ -1,0 +1,59 @@
+"""Run directories a user's input cannot damage: run names stay under runs/, a file is never
+taken for a run directory, --overwrite deletes nothing before the run is known to be valid, and
+a split whose every example is dropped is an error, not an empty run reported as ok."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tuneoff.cli import main
+
+QUICK = ["--limit", "60", "--max-steps", "1", "--no-report", "gen_examples=0"]
+
+
+def one_line_error(capsys, fragment: str) -> None:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tuneoff: error:") and fragment in err[0], err
+
+
+@pytest.mark.parametrize("name", ["", "..", "../elsewhere", "a/b"])
+def test_a_run_name_is_one_directory_under_runs(name, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--method", "base", "--name", name, *QUICK]) == 2
+    one_line_error(capsys, "--output-dir")
+    assert not any(tmp_path.rglob("tuneoff-run.json"))
+
+
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_a_file_is_not_taken_for_a_run_directory(below, capsys, tmp_path):
+    user_file = tmp_path / "notes.txt"
+    user_file.write_text("mine")
+    for extra in ([], ["--overwrite"]):
+        out = user_file / below if below else user_file
+        code = main(["train", "--method", "lora", "--output-dir", str(out), *QUICK, *extra])
+        assert code == 2
+        one_line_error(capsys, "is a file")
+    assert user_file.read_text() == "mine"
+
+
+def test_overwrite_of_an_arm_checks_the_data_before_deleting_it(capsys, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--method", "lora", "--output-dir", str(run), *QUICK]) == 0
+    capsys.readouterr()
+    other = tmp_path / "other.jsonl"
+    records = [{"instruction": f"say {i}", "output": str(i)} for i in range(60)]
+    other.write_text("".join(json.dumps(r) + "\n" for r in records))
+    args = ["train", "--method", "lora", "--output-dir", str(run), "--dataset", str(other)]
+    assert main([*args, *QUICK, "--overwrite"]) == 2
+    one_line_error(capsys, "other data settings")
+    assert (run / "lora" / "summary.json").is_file()  # the arm is still there
+
+
+def test_every_example_dropped_is_an_error_not_an_empty_run(capsys, tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--method", "lora", "--output-dir", str(out), *QUICK,
+                 "max_seq_len=8"]) == 2  # fmt: skip
+    one_line_error(capsys, "raise max_seq_len")
+    assert json.loads((out / "lora" / "summary.json").read_text())["status"] == "failed"
