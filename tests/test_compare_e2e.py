@@ -141,3 +141,17 @@ def test_confound_list_flags_any_difference_but_method():
     found = confounds({"lora": arm("lora", 1e-4), "full": arm("full", 2e-5)})
     rows = {key: expected for key, _, expected in found}
     assert rows == {"config.method": True, "config.lr": False}
+
+
+def test_the_saved_config_reruns_as_a_new_run_under_another_name(run_dir):
+    """config.yaml keeps no output_dir: `compare --config it --name again` is a new run."""
+    from tuneoff.cli import build_parser, resolve_args
+    from tuneoff.runs import run_dir_of
+
+    assert "output_dir: null" in (run_dir / "config.yaml").read_text()
+    args = build_parser().parse_args(
+        ["compare", "--config", str(run_dir / "config.yaml"), "--name", "again"]
+    )
+    cfg, _, _ = resolve_args(args)
+    assert str(run_dir_of(cfg)) == "runs/again"
+    assert cfg.limit == 400 and cfg.max_steps == 8  # the rest as saved

@@ -92,9 +92,10 @@ def compare(
     replace = check_dir(run_dir, overwrite, resume)
     records = load_unless_split(cfg, run_dir, resume)  # bad data fails before any write
     claim_dir(run_dir, replace)
+    # Saved without output_dir, so that rerunning it with another --name makes a new run.
+    header = f"# tuneoff compare --config {run_dir / 'config.yaml'} --name NEW_NAME\n"
+    write_yaml(cfg.replace(output_dir=None), run_dir / "config.yaml", header=header)
     cfg = cfg.replace(output_dir=str(run_dir))
-    header = f"# tuneoff compare --config {run_dir / 'config.yaml'}\n"
-    write_yaml(cfg, run_dir / "config.yaml", header=header)
     prepare_splits(cfg, run_dir / "splits", records)
     log.info("tuneoff compare: %s preset, arms base + %s -> %s", preset, ", ".join(cfg.methods),
              run_dir)  # fmt: skip
@@ -133,8 +134,8 @@ def _run_arm_process(method: str, run_dir: Path, overrides: dict, resume: bool) 
         log.info("\n== %s: already done, skipped (--resume)", method)
         return
     log.info("\n== %s", method)
-    cmd = [sys.executable, "-m", "tuneoff", "train", "--method", method,
-           "--config", str(run_dir / "config.yaml"), "--no-report"]  # fmt: skip
+    cmd = [sys.executable, "-m", "tuneoff", "train", "--method", method, "--config",
+           str(run_dir / "config.yaml"), "--output-dir", str(run_dir), "--no-report"]  # fmt: skip
     cmd += ["--resume"] if resume else []
     cmd += [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
     started = time.perf_counter()
