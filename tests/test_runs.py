@@ -57,3 +57,10 @@ def test_every_example_dropped_is_an_error_not_an_empty_run(capsys, tmp_path):
                  "max_seq_len=8"]) == 2  # fmt: skip
     one_line_error(capsys, "raise max_seq_len")
     assert json.loads((out / "lora" / "summary.json").read_text())["status"] == "failed"
+
+
+def test_max_seq_len_beyond_the_models_positions_is_an_error(capsys, tmp_path):
+    out = tmp_path / "run"  # the embedded model has 512 positions
+    assert main(["train", "--method", "lora", "--output-dir", str(out), *QUICK,
+                 "max_seq_len=1024"]) == 2  # fmt: skip
+    one_line_error(capsys, "max_seq_len <= 512")
