@@ -47,12 +47,16 @@ def summary(run_dir: Path, arm: str = "full") -> dict:
     return json.loads((run_dir / arm / "summary.json").read_text())
 
 
-def train_losses(run_dir: Path, arm: str = "full") -> dict[int, float]:
-    """Step -> logged loss; fails if a step is logged twice (one writer for all processes)."""
-    lines = (run_dir / arm / "metrics.jsonl").read_text().splitlines()
-    rows = [json.loads(line) for line in lines if '"train"' in line]
-    assert len({r["step"] for r in rows}) == len(rows)
-    return {r["step"]: r["loss"] for r in rows}
+def same_log(run_dir: Path, reference: Path, arm: str = "full") -> None:
+    """The per-step loss and tokens logged match, and no step is logged twice (one writer)."""
+    logs = []
+    for path in (run_dir, reference):
+        lines = (path / arm / "metrics.jsonl").read_text().splitlines()
+        rows = [json.loads(line) for line in lines if '"train"' in line]
+        assert len({r["step"] for r in rows}) == len(rows)
+        logs.append(rows)
+    assert [r["tokens"] for r in logs[0]] == [r["tokens"] for r in logs[1]]
+    assert [r["loss"] for r in logs[0]] == pytest.approx([r["loss"] for r in logs[1]], rel=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +81,8 @@ def test_two_processes_equal_one_process_accumulating_their_micro_batches(tmp_pa
     assert ddp_train["train_supervised_tokens"] == one_train["train_supervised_tokens"]
     assert s_ddp["metrics"]["val"]["loss"] == pytest.approx(s_one["metrics"]["val"]["loss"],
                                                             rel=1e-5)  # fmt: skip
-    # The logged loss is the window's over both processes, written once.
-    assert train_losses(tmp_path / "ddp") == pytest.approx(train_losses(accumulating), rel=1e-5)
+    # The logged loss and tokens are the window's over both processes, written once.
+    same_log(tmp_path / "ddp", accumulating)
     cut = torchrun("train", "--output-dir", str(tmp_path / "cut"), *ARGS, "grad_accum=1",
                    "batch_size=32", "micro_batch_tokens=256")  # fmt: skip
     assert cut.returncode == 0, cut.stderr[-2000:]
@@ -100,7 +104,7 @@ def test_fsdp2_full_fine_tuning_equals_one_process_and_saves_whole_weights(tmp_p
     assert "not predicted" in s_fsdp["memory_plan"]["error"]  # the planner knows no shards
     assert s_fsdp["metrics"]["val"]["loss"] == pytest.approx(s_one["metrics"]["val"]["loss"],
                                                              rel=1e-5)  # fmt: skip
-    assert train_losses(tmp_path / "fsdp") == pytest.approx(train_losses(accumulating), rel=1e-5)
+    same_log(tmp_path / "fsdp", accumulating)
     # Gathered from both shards, tied head saved once, as one process saves it.
     sharded = load_file(tmp_path / "fsdp" / "full" / "model" / "model.safetensors")
     whole = load_file(accumulating / "full" / "model" / "model.safetensors")

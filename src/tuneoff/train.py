@@ -252,6 +252,9 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / step_s:,.0f}", refresh=False)
             if state.step % cfg.log_every == 0 or state.step == total_steps:
+                if world > 1:  # the step's tokens over every process (on logged steps only)
+                    local = torch.tensor(tokens, device=accelerator.device)
+                    tokens = int(accelerator.reduce(local, "sum"))
                 metrics_log.write(
                     {
                         "event": "train",
@@ -260,6 +263,7 @@ def train(
                         "loss": loss,
                         "lr": scheduler.get_last_lr()[0],
                         "grad_norm": float(grad_norm),
+                        "tokens": tokens,
                         "tokens_per_s": tokens / step_s,
                         "time_s": watch.total_s,
                         "memory_gib": measure.peak_memory_gib(measure.measure_memory(device)),
