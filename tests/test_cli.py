@@ -131,3 +131,44 @@ def test_overrides_may_follow_options_and_unknown_options_stay_errors(capsys):
         main(["plan", "--preset", "tiny", "--no-such-flag", "max_seq_len=128"])
     assert exit_info.value.code == 2
     assert "--no-such-flag" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["bench", "--model", "embedded:tiny-qwen2", "--seq-len", "0"], "--seq-len"),
+        (["generate", "--model", "embedded:tiny-qwen2", "hi", "--temperature", "1",
+          "--top-k", "-1"], "--top-k"),
+        (["compare", "--config", "."], "is a directory"),
+    ],
+)  # fmt: skip
+def test_out_of_range_options_are_one_line_errors(argv, fragment, capsys):
+    code, err = run_cli(argv, capsys)
+    assert_one_line_error(code, err, fragment)
+
+
+def test_serve_port_out_of_range_is_a_one_line_error(capsys, monkeypatch):
+    pytest.importorskip("uvicorn")
+    import tuneoff.engine
+
+    monkeypatch.setattr(tuneoff.engine, "Engine", None)  # must fail before loading a model
+    for port in ("99999", "-1"):
+        code, err = run_cli(["serve", "--model", "embedded:tiny-qwen2", "--port", port], capsys)
+        assert_one_line_error(code, err, "--port")
+
+
+OUTPUT_DIR_OPTIONS = [
+    ["merge", "runs/r1/lora", "--out"],
+    ["bench", "--model", "embedded:tiny-qwen2", "--work-dir"],
+]
+
+
+@pytest.mark.parametrize("command", OUTPUT_DIR_OPTIONS, ids=["merge", "bench"])
+@pytest.mark.parametrize("below", [False, True], ids=["file", "under-a-file"])
+def test_output_dir_that_is_a_file_is_refused_and_kept(command, below, capsys, tmp_path):
+    user_file = tmp_path / "userfile.txt"
+    user_file.write_text("mine")
+    out = user_file / "out" if below else user_file
+    code, err = run_cli([*command, str(out)], capsys)
+    assert_one_line_error(code, err, "is a file")
+    assert user_file.read_text() == "mine"

@@ -85,3 +85,27 @@ def test_unknown_key_in_yaml_file(tmp_path):
     path.write_text("learning_rate: 1e-4\n")
     with pytest.raises(ConfigError, match="unknown config key 'learning_rate'"):
         resolve(None, str(path))
+
+
+def test_config_that_is_a_directory_says_so(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory"):
+        resolve(None, str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "text, where", [("lr: [1,\nepochs: 2\n", "line 3"), ("a: b: c\n", "line 1 column 5")]
+)
+def test_invalid_yaml_is_one_line_with_file_and_position(text, where, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        resolve(None, str(path))
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message and where in message
+
+
+def test_memory_sizes_need_a_unit():
+    for budget in ("16", 16, 1.5):
+        with pytest.raises(ConfigError, match="no unit"):
+            Config(memory_budget=budget)
+    assert Config(memory_budget="16GiB").memory_budget == "16GiB"

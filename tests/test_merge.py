@@ -35,6 +35,10 @@ def test_inspect_of_a_run_made_by_train(run_dir, capsys):
     assert not (run_dir / "config.yaml").exists()
     assert main(["inspect", str(run_dir), "--split", "val", "--limit", "1"]) == 0
     assert "--- val[0]" in capsys.readouterr().out
+    for limit in ("0", "-2"):  # were: nothing printed, and all but the last 2 examples
+        assert main(["inspect", str(run_dir), "--limit", limit]) == 2
+        out, err = capsys.readouterr()
+        assert not out and "--limit" in err and len(err.strip().splitlines()) == 1
 
 
 def logits(model, ids: torch.Tensor) -> torch.Tensor:

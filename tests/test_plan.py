@@ -32,9 +32,13 @@ def test_sizes_parse_and_bad_sizes_are_one_clear_error():
     assert parse_size("16GiB") == 16 * GIB
     assert parse_size("24GB") == 24 * 10**9
     assert parse_size("1.5 GiB") == int(1.5 * GIB)
+    assert parse_size("4096B") == 4096
     for bad in ("sixteen", "16 parsecs", "-3GiB", "0GiB", ""):
         with pytest.raises(ConfigError, match="memory size|above zero"):
             parse_size(bad, "--gpu-memory")
+    for bare in ("16", 16, "0.5"):  # was read as bytes: `--gpu-memory 16` "fit" 0.0 GiB
+        with pytest.raises(ConfigError, match="no unit"):
+            parse_size(bare, "--gpu-memory")
 
 
 def test_weights_gradients_and_optimizer_states_are_exact_for_qwen_1_5b():
@@ -373,6 +377,10 @@ def test_plan_cli_json_and_measure_on_a_tiny_model(capsys, tiny_model_dir):
         (["plan", "--model", "no-such-org/no-such-model-xyz"], "no shipped config"),
         (["plan", "--model", "/nonexistent/config.json"], "no shipped config"),
         (["compare", "--memory-budget", "16 bananas"], "not a memory size"),
+        (["plan", "--gpu-memory", "16"], "no unit"),
+        (["compare", "--model", "/nonexistent/model", "--memory-budget", "16"], "no unit"),
+        (["plan", "--methods", ""], "'methods'"),
+        (["compare", "--model", "/nonexistent/model", "--methods", ""], "'methods'"),
     ],
 )
 def test_plan_bad_input_is_one_line_exit_2(argv, message, capsys, monkeypatch):

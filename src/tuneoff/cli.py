@@ -274,7 +274,7 @@ def resolve_args(args: argparse.Namespace) -> tuple[Config, dict, str]:
         value = getattr(args, key, None)
         if value is not None:
             overrides[key] = value
-    if getattr(args, "methods", None):
+    if getattr(args, "methods", None) is not None:  # "" is an error, not the default arms
         overrides["methods"] = args.methods
     preset = args.preset or (None if args.config else "tiny")
     cfg, per_arm = resolve(preset, args.config, overrides)
@@ -324,6 +324,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from tuneoff.report import inspect_examples
 
+    if args.limit < 1:
+        raise UsageError(f"--limit {args.limit}: show at least 1 example")
     print(inspect_examples(Path(args.run), args.split, args.limit, as_json=args.json))
     return 0
 
@@ -337,11 +339,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_not_a_file(path: Path, flag: str) -> None:
+    """An output directory (or one above it) that is an existing file: one line, file untouched."""
+    blocked = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise UsageError(f"{flag} {path}: {blocked} is a file, not a directory; choose another")
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from tuneoff.engine import choose_device
     from tuneoff.merge import MARKER, merge_adapter
 
     out = Path(args.out)
+    check_not_a_file(out, "--out")
     if out.exists() and any(out.iterdir()):
         if not args.overwrite:
             raise UsageError(f"{out} already exists: pass --overwrite or choose another --out")
@@ -404,6 +414,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
         raise UsageError("need --max-new-tokens >= 1, --temperature >= 0, 0 < --top-p <= 1")
+    if args.top_k < 0:
+        raise UsageError(f"--top-k {args.top_k}: must be >= 0 (0: no top-k cut)")
     engine = Engine(model, adapters, device=args.device, dtype=args.dtype)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append({"role": "user", "content": prompt})
@@ -449,8 +461,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model = args.model or (base_model_of(next(iter(adapters.values()))) if adapters else None)
     if not model:
         raise UsageError("pass --model (the base model), or adapters to take it from")
-    if min(args.max_tokens_cap, args.max_body_bytes, args.max_prompt_tokens or 1) < 1:
+    prompt_cap = 1 if args.max_prompt_tokens is None else args.max_prompt_tokens  # 0 is an error
+    if min(args.max_tokens_cap, args.max_body_bytes, prompt_cap) < 1:
         raise UsageError("--max-tokens-cap, --max-prompt-tokens, --max-body-bytes must be >= 1")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port}: must be 0 to 65535 (0: any free port)")
     admin_key = os.environ.get("TUNEOFF_ADMIN_KEY") or None
     engine = Engine(model, adapters, args.device, args.dtype, base_name=args.base_name)
     limits = Limits(args.max_tokens_cap, args.max_prompt_tokens, args.max_body_bytes)
@@ -470,6 +485,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if "precision" not in overrides:
         overrides["precision"] = "auto"  # tuneoff's arms: bf16 where the GPU has it
     flags = {"model": args.model, "device": args.device, "batch_size": args.batch_size}
+    if args.seq_len is not None and args.seq_len < 1:
+        raise UsageError(f"--seq-len {args.seq_len}: must be >= 1")
     seq_len = args.seq_len or (None if args.config or "max_seq_len" in overrides else 256)
     flags.update({"grad_accum": args.grad_accum, "max_seq_len": seq_len})
     overrides.update({k: v for k, v in flags.items() if v is not None})
@@ -486,6 +503,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError(f"--baselines {args.baselines}: choose from {', '.join(bench.BASELINES)}")
     if args.steps < 1 or args.warmup_steps < 0 or args.repeats < 1:
         raise UsageError("--steps and --repeats must be >= 1, --warmup-steps >= 0")
+    if args.work_dir:
+        check_not_a_file(Path(args.work_dir), "--work-dir")
     device = choose_runtime(cfg).device
     work_dir = Path(args.work_dir) if args.work_dir else bench.default_work_dir()
     n = (args.steps + args.warmup_steps) * cfg.batch_size * cfg.grad_accum
@@ -522,7 +541,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.overrides)
     if args.model:
         overrides["model"] = args.model
-    if args.methods:
+    if args.methods is not None:  # "" is an error, not the default arms
         overrides["methods"] = args.methods
     cfg, _ = resolve(args.preset or (None if args.config else "seed"), args.config, overrides)
     limit = parse_size(args.gpu_memory, "--gpu-memory") if args.gpu_memory else None

@@ -29,7 +29,7 @@ WEIGHT_DTYPES = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adamw8bit", "adamw_lean")
 BATCHING = ("packed", "longest", "padded")
 PACKED_ATTENTION = ("varlen", "mask")
-SIZE_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+SIZE_UNITS = {"b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 SIZE_UNITS.update({"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k": 2**10, "m": 2**20})
 SIZE_UNITS.update({"g": 2**30, "t": 2**40})
 
@@ -219,16 +219,16 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
 
 
 def parse_size(text: str | int | float, where: str = "size") -> int:
-    """'16GiB', '16G', '1.5 GiB', '500MB', or a number of bytes -> bytes (GiB = 2**30)."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value, unit = float(text), ""
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-        if not match or match.group(2).lower() not in SIZE_UNITS:
-            raise ConfigError(
-                f"{where}: {text!r} is not a memory size; write it like 16GiB, 24GB or 8000MiB"
-            )
-        value, unit = float(match.group(1)), match.group(2).lower()
+    """'16GiB', '16G', '1.5 GiB', '500MB' or '4096B' -> bytes (GiB = 2**30)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if match and not match.group(2):
+        # A bare number was read as bytes, so `--gpu-memory 16` meant 16 bytes: ask for a unit.
+        raise ConfigError(f"{where}: {text!r} has no unit: give one, e.g. {match.group(1)}GiB")
+    if not match or match.group(2).lower() not in SIZE_UNITS:
+        raise ConfigError(
+            f"{where}: {text!r} is not a memory size; write it like 16GiB, 24GB or 8000MiB"
+        )
+    value, unit = float(match.group(1)), match.group(2).lower()
     if value <= 0:
         raise ConfigError(f"{where}: {text!r} must be above zero")
     return int(value * SIZE_UNITS[unit])
@@ -240,14 +240,23 @@ def preset_names() -> list[str]:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory: pass a YAML file to --config")
     if not path.is_file():
         raise ConfigError(f"config file {path} not found: pass an existing YAML file to --config")
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path}: not a text file; pass a YAML file") from None
     except yaml.YAMLError as err:
+        # str(err) spans several lines (PyYAML draws a caret under the source): keep one line.
         mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config file {path}{where}: not valid YAML ({err})") from None
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "cannot be parsed"
+        if getattr(err, "context", None):
+            problem = f"{problem} ({err.context})"
+        problem = " ".join(problem.split())
+        raise ConfigError(f"config file {path}{where}: not valid YAML: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping of key: value at the top level")
     return data

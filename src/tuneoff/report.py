@@ -4,14 +4,22 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from tuneoff.runs import UsageError
+
+log = logging.getLogger(__name__)
+
 ARM_ORDER = ("base", "lora", "qlora", "full")
 EXPECTED_DIFFERENCES = ("config.method",)  # differs between arms by design
+# Where the results go and which arms a command ran: they never change what an arm trains, and
+# an arm added later with `tuneoff train` differs in them from the arms `compare` ran.
+BOOKKEEPING = ("config.name", "config.methods", "config.output_dir")
 METRIC_HELP = """\
 - **Loss**: mean cross-entropy (nats) over supervised tokens: response tokens and their EOS,
   predicted from the previous position. Prompt and padding tokens are never counted.
@@ -31,15 +39,53 @@ METRIC_HELP = """\
 """
 
 
+def read_json_object(path: Path, fix: str) -> dict[str, Any]:
+    """A JSON file that must hold an object; anything else is a one-line UsageError saying `fix`."""
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"{path} is not valid JSON ({err}): {fix}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} holds a {type(data).__name__}, not a JSON object: {fix}")
+    return data
+
+
+def _rerun_arm(run_dir: Path, arm: str) -> str:
+    config = run_dir / "config.yaml"  # a compare run's; rerunning an arm with it keeps the recipe
+    with_config = f" --config {config}" if config.is_file() else ""
+    return f"tuneoff train --method {arm} --output-dir {run_dir}{with_config} --overwrite"
+
+
 def load_summaries(run_dir: Path) -> dict[str, dict[str, Any]]:
-    found = {p.parent.name: json.loads(p.read_text()) for p in run_dir.glob("*/summary.json")}
+    found = {}
+    for path in run_dir.glob("*/summary.json"):
+        arm = path.parent.name
+        found[arm] = read_json_object(path, f"rerun that arm: {_rerun_arm(run_dir, arm)}")
     order = {name: i for i, name in enumerate(ARM_ORDER)}
     return dict(sorted(found.items(), key=lambda kv: order.get(kv[0], 99)))
 
 
 def load_metrics(arm_dir: Path) -> list[dict[str, Any]]:
     path = arm_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    if not path.is_file():
+        return []
+    lines = path.read_text(errors="replace").splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # a killed run leaves its last line half-written
+                log.warning("%s line %d is truncated; plotting the lines before it", path, number)
+                break
+            row = None
+        if not isinstance(row, dict):
+            raise UsageError(
+                f"{path} line {number} is not a JSON object: delete that line or rerun the arm: "
+                + _rerun_arm(arm_dir.parent, arm_dir.name)
+            )
+        rows.append(row)
+    return rows
 
 
 # --------------------------------------------------------------------------- formatting
@@ -208,7 +254,7 @@ def confounds(summaries: dict[str, dict]) -> list[tuple[str, dict[str, Any], boo
             _flatten(section, s.get(section, {}), out)
         out["git_sha"] = s.get("git_sha")
         flat[name] = out
-    keys = sorted({k for f in flat.values() for k in f})
+    keys = sorted({k for f in flat.values() for k in f} - set(BOOKKEEPING))
     rows = []
     for key in keys:
         values = {name: f.get(key) for name, f in flat.items()}
@@ -314,8 +360,6 @@ def _peak(summary: dict) -> float | None:
 def write_report(run_dir: Path) -> tuple[Path, str]:
     summaries = load_summaries(run_dir)
     if not summaries:
-        from tuneoff.runs import UsageError
-
         raise UsageError(
             f"{run_dir}: no <arm>/summary.json found; is this a tuneoff run directory?"
         )
@@ -393,7 +437,7 @@ def deployment_section(run_dir: Path) -> str | None:
     path = run_dir / "deployment.json"
     if not path.is_file():
         return None
-    d = json.loads(path.read_text())
+    d = read_json_object(path, "delete it to rebuild the report without the Deployment section")
     arms, dtype = d["arms"], d["stored_dtype"]
 
     def row(label: str, fn) -> list[str]:
@@ -431,7 +475,6 @@ def inspect_examples(path: Path, split: str, limit: int, as_json: bool = False) 
     from tuneoff.config import Config
     from tuneoff.data import IGNORE, read_splits, tokenize
     from tuneoff.model import load_tokenizer
-    from tuneoff.runs import UsageError
 
     run_dir = path if (path / "splits").is_dir() else path.parent
     # the arm's own config, else the run's (compare), else an arm's (a run made by `train`)
