@@ -172,3 +172,19 @@ def test_output_dir_that_is_a_file_is_refused_and_kept(command, below, capsys, t
     code, err = run_cli([*command, str(out)], capsys)
     assert_one_line_error(code, err, "is a file")
     assert user_file.read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["compare", "full.seed=1"], "shared by every arm"),
+        (["compare", "full.dataset=x.jsonl"], "shared by every arm"),
+        (["compare", "lora.method=full"], "shared by every arm"),
+        (["train", "--method", "lora", "full.lr=1e-4"], "not an arm here"),
+    ],
+)
+def test_per_arm_overrides_that_cannot_apply_are_refused(argv, fragment, capsys, tmp_path):
+    assert main([*argv, "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tuneoff: error:") and fragment in err
+    assert not (tmp_path / "run").exists()

@@ -133,6 +133,16 @@ def test_an_oom_in_one_arm_becomes_a_row(tmp_path, monkeypatch):
     assert "fits" in full["advice"] and "Predicted peak" in (out / "report.md").read_text()
 
 
+def test_a_failed_arm_is_a_row_and_a_non_zero_exit(tmp_path, capsys):
+    """Unlike an OOM (a measured result), an arm that fails makes compare exit 1."""
+    out = tmp_path / "failed"
+    args = ["compare", "--output-dir", str(out), "--limit", "60", "--max-steps", "1",
+            "methods=full", "gen_examples=0", "full.weights_dtype=fp16"]  # fmt: skip
+    assert main(args) == 1
+    assert summary(out, "full")["status"] == "failed" and summary(out, "base")["status"] == "ok"
+    assert "arms failed: full" in capsys.readouterr().err
+
+
 def test_confound_list_flags_any_difference_but_method():
     def arm(method: str, lr: float) -> dict:
         return {"status": "ok", "config": {"method": method, "lr": lr}, "runtime": {},

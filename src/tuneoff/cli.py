@@ -278,9 +278,13 @@ def resolve_args(args: argparse.Namespace) -> tuple[Config, dict, str]:
         overrides["methods"] = args.methods
     preset = args.preset or (None if args.config else "tiny")
     cfg, per_arm = resolve(preset, args.config, overrides)
-    unknown_arms = set(per_arm) - set(cfg.methods) - {cfg.method}
+    arms = {cfg.method} if args.command == "train" else {"base", *cfg.methods}
+    unknown_arms = set(per_arm) - arms
     if unknown_arms:
-        raise ConfigError(f"per-arm override for {sorted(unknown_arms)}, which is not an arm here")
+        raise ConfigError(
+            f"per-arm override for {sorted(unknown_arms)}, which is not an arm here "
+            f"({', '.join(sorted(arms))})"
+        )
     if cfg.name is None:
         cfg = cfg.replace(
             name=f"{preset or Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -292,7 +296,7 @@ def resolve_args(args: argparse.Namespace) -> tuple[Config, dict, str]:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from tuneoff.report import write_report
+    from tuneoff.report import load_summaries, write_report
     from tuneoff.runs import compare
 
     cfg, per_arm, preset = resolve_args(args)
@@ -301,7 +305,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     report_path, table = write_report(run_dir)
     print(table)
     print(f"\nreport: {report_path}")
-    return 0
+    # An arm out of memory is a result (a row of the report); an arm that failed is not.
+    failed = [arm for arm, s in load_summaries(run_dir).items() if s.get("status") == "failed"]
+    if failed:
+        print(f"tuneoff: arms failed: {', '.join(failed)} (see report and above)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:

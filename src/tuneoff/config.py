@@ -29,6 +29,11 @@ WEIGHT_DTYPES = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adamw8bit", "adamw_lean")
 BATCHING = ("packed", "longest", "padded")
 PACKED_ATTENTION = ("varlen", "mask")
+# What determines a run's split (every arm trains and evaluates on one `splits/`).
+SPLIT_KEYS = ("dataset", "dataset_split", "dataset_config", "limit", "seed", "val_fraction",
+              "test_fraction")  # fmt: skip
+# Keys no single arm may override: the split, and which run and arm this is.
+RUN_KEYS = (*SPLIT_KEYS, "method", "methods", "name", "output_dir")
 SIZE_UNITS = {"b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 SIZE_UNITS.update({"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k": 2**10, "m": 2**20})
 SIZE_UNITS.update({"g": 2**30, "t": 2**40})
@@ -310,6 +315,11 @@ def resolve(
     per_arm: dict[str, dict[str, Any]] = {}
     for key in [k for k in values if "." in k]:
         arm, sub = key.split(".", 1)
+        if sub in RUN_KEYS:
+            raise ConfigError(
+                f"{key}: {sub} is shared by every arm of a run (it fixes the split or names "
+                f"the run); set {sub}=... without an arm prefix"
+            )
         per_arm.setdefault(arm, {})[sub] = values.pop(key)
     cfg = Config(**values)
     for arm, arm_values in per_arm.items():

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tuneoff.config import Config
+from tuneoff.config import SPLIT_KEYS, Config
 
 log = logging.getLogger(__name__)
 
@@ -234,8 +234,7 @@ def split_records(records: list[dict], cfg: Config) -> dict[str, list[dict]]:
 
 def split_identity(cfg: Config) -> dict[str, Any]:
     """What determines the split: two runs with equal identities share one `splits/`."""
-    keys = ("dataset", "dataset_split", "dataset_config", "limit", "seed")
-    return {k: getattr(cfg, k) for k in keys + ("val_fraction", "test_fraction")}
+    return {k: getattr(cfg, k) for k in SPLIT_KEYS}
 
 
 def write_splits(splits: dict[str, list[dict]], directory: Path, cfg: Config) -> dict[str, Any]:

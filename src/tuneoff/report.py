@@ -371,7 +371,7 @@ def write_report(run_dir: Path) -> tuple[Path, str]:
         f"# tuneoff: {run_dir.name}",
         f"Model `{cfg.get('model')}` on `{cfg.get('dataset')}`; {runtime.get('device_name', '?')} "
         f"({runtime.get('device', '?')}), precision {runtime.get('precision', '?')}. "
-        f"Reproduce: `tuneoff compare --config {run_dir / 'config.yaml'}`.",
+        f"Reproduce: `tuneoff compare --config {run_dir / 'config.yaml'} --name NEW_NAME`.",
         "## Training time & resources",
         _table(["Metric", *[n for n in summaries if n != "base"]], resources_rows(summaries)),
     ]
