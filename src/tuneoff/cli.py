@@ -577,6 +577,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     # bitsandbytes (imported by peft) warns on CPUs with bf16 about a kernel tuneoff never uses.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # Offline, the hub client logs every retry of every request (twice); tuneoff says it once.
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     # Library chatter (weight-loading bars, deprecation notices) would bury tuneoff's own output.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

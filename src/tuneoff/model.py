@@ -151,13 +151,14 @@ def load_arch_config(name: str) -> Any:
     shipped = shipped_arch(name) if not path.exists() else None
     if shipped is not None:
         return AutoConfig.from_pretrained(str(shipped))
+    _say_hub(name)
     try:
         return AutoConfig.from_pretrained(resolve_model_path(name))
     except (OSError, ValueError) as err:
         known = ", ".join(shipped_archs())
         raise ModelError(
             f"model {name!r}: no shipped config, local directory or reachable hub id "
-            f"({(str(err).splitlines() or [''])[0][:100]}); use one of {known}, a local "
+            f"({(str(err).splitlines() or [''])[0][:200]}); use one of {known}, a local "
             "directory, or a path to its config.json"
         ) from None
 
@@ -198,10 +199,18 @@ def check_model(name: str) -> None:
     """Fail early (and cheaply: config only) if the model cannot be found."""
     from transformers import AutoConfig
 
+    _say_hub(name)
     try:
         AutoConfig.from_pretrained(resolve_model_path(name))
     except (OSError, ValueError) as err:
         raise _not_found(name, err) from None
+
+
+def _say_hub(name: str) -> None:
+    """One line before a hub request: offline, the hub client retries for about 30 s (its
+    retry warnings are silenced by the CLI) before the error that says what to do."""
+    if name != EMBEDDED_MODEL and not Path(name).expanduser().exists():
+        log.info("model %s is not a local path: asking the Hugging Face hub", name)
 
 
 def load_model(name: str) -> torch.nn.Module:
