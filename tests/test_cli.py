@@ -174,6 +174,14 @@ def test_output_dir_that_is_a_file_is_refused_and_kept(command, below, capsys, t
     assert user_file.read_text() == "mine"
 
 
+def test_bench_work_dir_with_a_users_files_is_refused_and_kept(capsys, tmp_path):
+    (tmp_path / "bench.json").write_text("mine")
+    args = ["bench", "--model", "embedded:tiny-qwen2", "--work-dir", str(tmp_path)]
+    code, err = run_cli(args, capsys)
+    assert_one_line_error(code, err, "not a bench's")
+    assert (tmp_path / "bench.json").read_text() == "mine"
+
+
 @pytest.mark.parametrize(
     "argv, fragment",
     [

@@ -121,7 +121,17 @@ def test_overwrite_rules_and_bf16_output(run_dir, tmp_path, capsys):
     assert "not a tuneoff merge output" in capsys.readouterr().err
     (out / "keep.txt").unlink()
     (out / "merge.json").write_text("{}")  # an earlier merge output may be replaced
+    partial = tmp_path / "merged.partial"  # where merge writes first: a user's directory...
+    partial.mkdir()
+    (partial / "keep.txt").write_text("mine")
+    assert main([*args, "--overwrite"]) == 2
+    assert "not a tuneoff merge in progress" in capsys.readouterr().err
+    assert (partial / "keep.txt").read_text() == "mine"
+    (partial / "keep.txt").unlink()
+    (partial / "tuneoff-merge-partial").write_text("")  # ...or a crashed merge's, replaced
+    (partial / "model.safetensors").write_text("half")
     assert main([*args, "--overwrite"]) == 0
+    assert not partial.exists() and not (out / "tuneoff-merge-partial").exists()
     assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
     report = json.loads((out / "merge.json").read_text())
     assert report["dtype"] == "bf16" and report["max_abs_diff"] <= 1e-4

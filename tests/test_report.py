@@ -47,6 +47,9 @@ def test_truncated_last_metrics_line_is_skipped_any_other_bad_line_is_an_error(t
     (tmp_path / "metrics.jsonl").write_text(text + "{oops\n" + text)
     with pytest.raises(ValueError, match="metrics.jsonl line 3"):
         load_metrics(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text(text + '{"event": "train"}\n' + text)  # no step
+    with pytest.raises(ValueError, match="metrics.jsonl line 3"):
+        load_metrics(tmp_path)
 
 
 def test_report_of_a_run_with_a_truncated_metrics_line(tmp_path, capsys):

@@ -513,6 +513,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError("--steps and --repeats must be >= 1, --warmup-steps >= 0")
     if args.work_dir:
         check_not_a_file(Path(args.work_dir), "--work-dir")
+        kept = Path(args.work_dir)
+        if kept.is_dir() and any(kept.iterdir()) and not (kept / "examples.json").is_file():
+            raise UsageError(
+                f"--work-dir {kept} holds files that are not a bench's: choose an empty or new "
+                "directory"
+            )
     device = choose_runtime(cfg).device
     work_dir = Path(args.work_dir) if args.work_dir else bench.default_work_dir()
     n = (args.steps + args.warmup_steps) * cfg.batch_size * cfg.grad_accum

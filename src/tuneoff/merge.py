@@ -212,11 +212,13 @@ def merge_adapter(
     merged = merged.to(DTYPES[out_dtype])
     check_finite(merged)  # again: a cast to fp16 can overflow to Inf
     partial = out.with_name(out.name + ".partial")  # renamed to `out` once read back
+    _claim_partial(partial)
     _write(merged, adapter_dir, partial, report["base_model"])
     del merged  # before the read-back, so that one copy of the model is in memory at a time
     _free()
     _check_written(partial, merged_logits, inputs, report, device)
     (partial / MARKER).write_text(json.dumps(report, indent=2) + "\n")
+    (partial / PARTIAL).unlink()
     if out.exists():
         shutil.rmtree(out)
     partial.rename(out)
@@ -236,10 +238,27 @@ def _references(base: str, adapter_dir: Path, inputs: list, device: str, source:
     return refs
 
 
+PARTIAL = "tuneoff-merge-partial"  # marks a merge being written (a crash may leave it)
+
+
+def _claim_partial(directory: Path) -> None:
+    """The merge is written beside `--out` first; only a merge's own leftover may be replaced."""
+    from tuneoff.runs import UsageError
+
+    if directory.exists() and any(directory.iterdir()):
+        if not (directory / PARTIAL).is_file():
+            raise UsageError(
+                f"{directory} exists and is not a tuneoff merge in progress: merge writes "
+                "there first; move it or choose another --out"
+            )
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / PARTIAL).write_text("")
+
+
 def _write(merged: Any, adapter_dir: Path, directory: Path, base: str) -> None:
     from transformers import AutoTokenizer
 
-    shutil.rmtree(directory, ignore_errors=True)
     merged.save_pretrained(directory, safe_serialization=True)
     has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
     tokenizer_src = adapter_dir if has_tokenizer else resolve_model_path(base)

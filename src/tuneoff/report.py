@@ -79,9 +79,10 @@ def load_metrics(arm_dir: Path) -> list[dict[str, Any]]:
                 log.warning("%s line %d is truncated; plotting the lines before it", path, number)
                 break
             row = None
-        if not isinstance(row, dict):
+        if not isinstance(row, dict) or not {"event", "step", "loss"} <= set(row):
             raise UsageError(
-                f"{path} line {number} is not a JSON object: delete that line or rerun the arm: "
+                f"{path} line {number} is not a metrics row (a JSON object with event, step and "
+                "loss): delete that line or rerun the arm: "
                 + _rerun_arm(arm_dir.parent, arm_dir.name)
             )
         rows.append(row)
