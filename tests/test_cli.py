@@ -196,3 +196,9 @@ def test_per_arm_overrides_that_cannot_apply_are_refused(argv, fragment, capsys,
     err = capsys.readouterr().err
     assert err.startswith("tuneoff: error:") and fragment in err
     assert not (tmp_path / "run").exists()
+
+
+def test_generate_refuses_a_prompt_beyond_the_context(capsys):
+    long_prompt = " ".join(["word"] * 2000)  # the embedded model has 512 positions
+    code, err = run_cli(["generate", "--model", "embedded:tiny-qwen2", long_prompt], capsys)
+    assert_one_line_error(code, err, "context of 512")

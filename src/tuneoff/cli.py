@@ -428,6 +428,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append({"role": "user", "content": prompt})
     ids = engine.text_ids(prompt) if args.raw else engine.chat_prompt_ids(messages)
+    if len(ids) >= engine.context:  # as serve refuses it (prompt_too_long)
+        raise UsageError(
+            f"the prompt has {len(ids)} tokens, at or over the model's context of "
+            f"{engine.context}: shorten it"
+        )
     sampling = Sampling(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
