@@ -215,3 +215,33 @@ def test_ablation_arms_run_on_the_same_batches(tiny_config, tmp_path, capfd):
     for bad in ("lora:nope=1", "lora:method=full", "base", "lora,lora", ","):
         assert main([*argv[:8], bad, *argv[9:]]) == 2, bad
         assert f"--methods {bad}" in capfd.readouterr().err, bad
+
+
+def test_without_work_dir_only_bench_json_is_kept_and_a_failure_leaves_nothing(
+    tmp_path, monkeypatch, capsys
+):
+    import tempfile
+
+    from tuneoff import bench
+    from tuneoff.cli import main
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    argv = ["bench", "--preset", "tiny", "--steps", "1", "--warmup-steps", "0", "--json",
+            "--device", "cpu"]  # fmt: skip
+
+    def fake_run(plan, *args):
+        (plan.work_dir / "lora.json").write_text("{}")  # what arms leave
+        return {"arms": {}, "ratios": {}, "repeats": 1}
+
+    monkeypatch.setattr(bench, "run_bench", fake_run)
+    assert main(argv) == 0
+    (kept,) = tmp_path.glob("tuneoff-bench-*")
+    assert [p.name for p in kept.iterdir()] == ["bench.json"]
+
+    def failing_run(plan, *args):
+        (plan.work_dir / "lora.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "run_bench", failing_run)
+    assert main(argv) == 130
+    assert list(tmp_path.glob("tuneoff-bench-*")) == [kept]

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -538,7 +539,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         f"{stats['mean_tokens']:.0f} tokens, max_seq_len {cfg.max_seq_len}",
         file=sys.stderr,
     )
-    report = bench.run_bench(plan, examples, device, args.batch_size)
+    try:
+        report = bench.run_bench(plan, examples, device, args.batch_size)
+    except BaseException:
+        if not args.work_dir:  # nothing of a failed bench is left in /tmp
+            shutil.rmtree(work_dir, ignore_errors=True)
+        raise
+    if not args.work_dir:  # a temporary directory keeps only bench.json
+        shutil.rmtree(work_dir)
+        work_dir.mkdir()
     report = {"model": cfg.model, "device": device, "data": {"source": source, **stats}, **report}
     (work_dir / "bench.json").write_text(json.dumps(report, indent=1) + "\n")
     if args.json:
