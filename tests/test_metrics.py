@@ -81,3 +81,15 @@ def test_exact_match_strips_whitespace_only():
         {"instruction": "b", "input": "", "output": "Yes"},
     ]
     assert exact_match(records, [" 42\n", "yes"]) == 0.5
+
+
+def test_the_first_evaluation_of_a_model_has_one_untimed_pass_and_the_same_metrics():
+    """Start-up is kept out of eval tokens/s on every device, once per model and process."""
+    model, calls = FixedLogits(), []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    batch = {"input_ids": torch.zeros(1, 4, dtype=torch.long), "labels": LABELS}
+    first = evaluate(model, [batch, batch], "cpu")
+    assert len(calls) == 3  # the untimed pass and the two timed ones
+    again = evaluate(model, [batch, batch], "cpu")
+    assert len(calls) == 5
+    assert first["loss"] == again["loss"] and first["tokens"] == again["tokens"] == 8

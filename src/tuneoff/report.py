@@ -27,8 +27,8 @@ METRIC_HELP = """\
 - **Token accuracy**: share of supervised tokens where the argmax of the logits at position t
   equals the label at t + 1.
 - **Bits per token**: loss / ln 2.
-- **Eval tokens/s**: non-padding tokens per second of evaluation forward passes only
-  (generation is timed apart).
+- **Eval tokens/s**: non-padding tokens per second of evaluation forward passes only, after
+  one untimed pass per model and process (generation is timed apart).
 - **Exact match**: share of greedy generations on held-out test prompts equal to the reference
   answer (whitespace stripped). Meaningful for the embedded tasks, near zero for free text.
 - **Peak memory**: CUDA: max reserved (allocated) by PyTorch's allocator during training;
