@@ -165,3 +165,9 @@ def test_the_saved_config_reruns_as_a_new_run_under_another_name(run_dir):
     cfg, _, _ = resolve_args(args)
     assert str(run_dir_of(cfg)) == "runs/again"
     assert cfg.limit == 400 and cfg.max_steps == 8  # the rest as saved
+
+
+def test_generate_takes_a_full_arm_directory_as_model(run_dir, capsys):
+    assert main(["generate", "--model", str(run_dir / "full"), "Add 2 and 3.",
+                 "--max-new-tokens", "3"]) == 0  # fmt: skip
+    assert capsys.readouterr().out.strip()

@@ -413,11 +413,18 @@ def _adapter_args(items: list[str]) -> dict[str, Path]:
     return adapters
 
 
+def arm_model(model: str | None) -> str | None:
+    """--model may name a full arm's directory (runs/x/full), as --adapter names a lora arm's."""
+    if model and not Path(model, "config.json").is_file() and Path(model, "model").is_dir():
+        return str(Path(model, "model"))
+    return model
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from tuneoff.engine import Engine, Sampling, base_model_of, find_adapter_dir
 
     adapters = {"adapter": find_adapter_dir(Path(args.adapter))} if args.adapter else {}
-    model = args.model or (base_model_of(adapters["adapter"]) if adapters else None)
+    model = arm_model(args.model) or (base_model_of(adapters["adapter"]) if adapters else None)
     if not model:
         raise UsageError("pass --model (the base model), --adapter, or both")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
@@ -472,7 +479,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if name in adapters:
             raise UsageError(f"adapter {name!r} is both in --adapter and in {root}: rename one")
         adapters[name] = path
-    model = args.model or (base_model_of(next(iter(adapters.values()))) if adapters else None)
+    model = arm_model(args.model) or (
+        base_model_of(next(iter(adapters.values()))) if adapters else None
+    )
     if not model:
         raise UsageError("pass --model (the base model), or adapters to take it from")
     prompt_cap = 1 if args.max_prompt_tokens is None else args.max_prompt_tokens  # 0 is an error
