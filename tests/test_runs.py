@@ -64,3 +64,13 @@ def test_max_seq_len_beyond_the_models_positions_is_an_error(capsys, tmp_path):
     assert main(["train", "--method", "lora", "--output-dir", str(out), *QUICK,
                  "max_seq_len=1024"]) == 2  # fmt: skip
     one_line_error(capsys, "max_seq_len <= 512")
+
+
+def test_a_model_path_that_is_a_file_says_so(capsys, tmp_path):
+    data = tmp_path / "alpaca.json"
+    data.write_text("[]")
+    out = tmp_path / "run"
+    assert main(["train", "--method", "lora", "--model", str(data), "--output-dir", str(out),
+                 *QUICK]) == 2  # fmt: skip
+    one_line_error(capsys, "is a file")
+    assert not out.exists()

@@ -257,7 +257,10 @@ def read_splits(directory: Path) -> tuple[dict[str, list[dict]], dict[str, Any]]
     for name, info in manifest["files"].items():
         body = (directory / f"{name}.jsonl").read_bytes()
         if hashlib.sha256(body).hexdigest() != info["sha256"]:
-            raise DataError(f"{directory / name}.jsonl does not match its hash in manifest.json")
+            raise DataError(
+                f"{directory / name}.jsonl does not match its hash in manifest.json (edited "
+                "since the run began?): restore it, or start a new run with another --output-dir"
+            )
         splits[name] = [json.loads(line) for line in body.decode("utf-8").splitlines()]
     return splits, manifest
 

@@ -173,6 +173,8 @@ def resolve_model_path(name: str) -> str:
 
 def _not_found(name: str, err: Exception) -> ModelError:
     first = (str(err).splitlines() or [type(err).__name__])[0][:160]
+    if Path(name).expanduser().is_file():
+        return ModelError(f"model {name} is a file: pass the model's directory ({first})")
     if Path(name).expanduser().exists():
         return ModelError(f"model {name}: cannot be loaded from this directory ({first})")
     return ModelError(
