@@ -197,15 +197,22 @@ def load_tokenizer(name: str) -> Any:
     return tokenizer
 
 
-def check_model(name: str) -> None:
-    """Fail early (and cheaply: config only) if the model cannot be found."""
+def check_model(name: str, max_seq_len: int | None = None) -> None:
+    """Fail early (and cheaply: config only) if the model cannot be found, or cannot take
+    sequences of `max_seq_len` tokens."""
     from transformers import AutoConfig
 
     _say_hub(name)
     try:
-        AutoConfig.from_pretrained(resolve_model_path(name))
+        config = AutoConfig.from_pretrained(resolve_model_path(name))
     except (OSError, ValueError) as err:
         raise _not_found(name, err) from None
+    positions = getattr(config, "max_position_embeddings", None)
+    if max_seq_len and positions and max_seq_len > positions:
+        raise ConfigError(
+            f"max_seq_len={max_seq_len} is beyond the {positions} positions of {name}: "
+            f"set max_seq_len <= {positions}"
+        )
 
 
 def _say_hub(name: str) -> None:

@@ -88,7 +88,7 @@ def compare(
     from tuneoff.data import prepare_splits
     from tuneoff.model import check_model
 
-    check_model(cfg.model)
+    check_model(cfg.model, cfg.max_seq_len)
     replace = check_dir(run_dir, overwrite, resume)
     records = load_unless_split(cfg, run_dir, resume)  # bad data fails before any write
     claim_dir(run_dir, replace)
@@ -171,7 +171,7 @@ def train_arm(cfg: Config, overwrite: bool, resume: bool) -> tuple[Path, dict[st
         cfg = cfg.replace(name=broadcast_object_list([cfg.name])[0])
     run_dir = run_dir_of(cfg)
     arm_dir = run_dir / cfg.method
-    check_model(cfg.model)
+    check_model(cfg.model, cfg.max_seq_len)
     new_run = not (run_dir / MARKER).is_file()
     replace = check_dir(run_dir, overwrite, resume) if new_run else False
     if not new_run and arm_dir.exists() and not resume and not overwrite:

@@ -32,7 +32,7 @@ from tuneoff.batching import (
     supervised_tokens,
 )
 from tuneoff.checkpoint import gather_weights, load_checkpoint, save_checkpoint
-from tuneoff.config import Config, ConfigError, write_yaml
+from tuneoff.config import Config, write_yaml
 from tuneoff.data import IGNORE, DataError, Example, read_splits, tokenize_split
 from tuneoff.evaluate import evaluate, evaluate_generation, evaluate_splits
 from tuneoff.loss import forward_loss
@@ -398,12 +398,6 @@ def run_arm(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     write_yaml(cfg, arm_dir / "config.yaml")
     set_seed(cfg.seed)
     model = load_model(cfg.model)
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if positions and cfg.max_seq_len > positions:
-        raise ConfigError(
-            f"max_seq_len={cfg.max_seq_len} is beyond the {positions} positions of {cfg.model}: "
-            f"set max_seq_len <= {positions}"
-        )
     set_seed(cfg.seed)  # adapters are initialized from this seed in every arm
     model = prepare_model(model, cfg, runtime)
     if cfg.compile:
