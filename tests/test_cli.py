@@ -189,6 +189,7 @@ def test_bench_work_dir_with_a_users_files_is_refused_and_kept(capsys, tmp_path)
         (["compare", "full.dataset=x.jsonl"], "shared by every arm"),
         (["compare", "lora.method=full"], "shared by every arm"),
         (["train", "--method", "lora", "full.lr=1e-4"], "not an arm here"),
+        (["compare", "--resume", "--overwrite"], "pass one of them"),
     ],
 )
 def test_per_arm_overrides_that_cannot_apply_are_refused(argv, fragment, capsys, tmp_path):

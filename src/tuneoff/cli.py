@@ -269,6 +269,8 @@ def _add_device_options(p: argparse.ArgumentParser) -> None:
 def resolve_args(args: argparse.Namespace) -> tuple[Config, dict, str]:
     from tuneoff.config import parse_overrides, resolve
 
+    if getattr(args, "resume", False) and getattr(args, "overwrite", False):
+        raise UsageError("--resume continues a run, --overwrite replaces it: pass one of them")
     overrides = parse_overrides(args.overrides)
     keys = ("model", "dataset", "name", "output_dir", "max_steps", "limit", "method")
     for key in (*keys, "memory_budget"):
