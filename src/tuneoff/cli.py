@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 
 from tuneoff.config import METHODS, TRAINING_METHODS, Config, ConfigError, preset_names
-from tuneoff.runs import UsageError, run_dir_of
+from tuneoff.runs import UsageError, check_not_a_file, run_dir_of
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -348,13 +348,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(table)
     print(f"\nreport: {report_path}")
     return 0
-
-
-def check_not_a_file(path: Path, flag: str) -> None:
-    """An output directory (or one above it) that is an existing file: one line, file untouched."""
-    blocked = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
-    if blocked is not None:
-        raise UsageError(f"{flag} {path}: {blocked} is a file, not a directory; choose another")
 
 
 def cmd_merge(args: argparse.Namespace) -> int:

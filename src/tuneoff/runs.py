@@ -44,9 +44,7 @@ def run_dir_of(cfg: Config) -> Path:
 def check_dir(path: Path, overwrite: bool, resume: bool) -> bool:
     """May `path` be used? True if it holds a run to replace (--overwrite). Raises otherwise.
     Only a tuneoff run may be replaced: nothing a user had is deleted or silently overwritten."""
-    blocked = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
-    if blocked is not None:
-        raise UsageError(f"{blocked} is a file, not a directory: choose another --output-dir")
+    check_not_a_file(path, "--output-dir")
     if resume and not (path / MARKER).is_file():
         raise UsageError(f"no tuneoff run at {path} to resume: pass its --output-dir or --name")
     if not path.exists() or not any(path.iterdir()):
@@ -65,6 +63,13 @@ def check_dir(path: Path, overwrite: bool, resume: bool) -> bool:
             "--overwrite: choose another --output-dir"
         )
     return True
+
+
+def check_not_a_file(path: Path, flag: str) -> None:
+    """An output directory (or one above it) that is an existing file: one line, file untouched."""
+    blocked = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise UsageError(f"{flag} {path}: {blocked} is a file, not a directory; choose another")
 
 
 def claim_dir(path: Path, replace: bool) -> None:
