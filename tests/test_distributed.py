@@ -1,7 +1,7 @@
 """Several processes under torchrun (2 CPU processes, gloo): DDP and FSDP2 give one run directory,
 one report, and the updates of one process accumulating the same micro-batches (also when each
-process cuts its examples by tokens); FSDP2 gathers shards to save, and resumes from a checkpoint
-whatever the world size that wrote it."""
+process cuts its examples by tokens); FSDP2 gathers shards to save and resumes whatever the world
+size that wrote the checkpoint; each process resumes with its own random state."""
 
 from __future__ import annotations
 
@@ -135,7 +135,26 @@ def test_fsdp2_lora_resumes_from_its_gathered_checkpoint_as_one_uninterrupted_pr
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5)
 
 
-def test_fsdp1_deepspeed_and_8bit_adam_under_fsdp_are_refused_before_anything_is_written(
+def test_ddp_resume_restores_each_processs_random_state(tmp_path):
+    """Cut by tokens, the processes run unequal numbers of forward passes, so their random
+    states (dropout) differ at a checkpoint: each must get its own back."""
+    args = ["--method", "lora", "--limit", "160", "epochs=2", "gen_examples=0",
+            "eval_batch_size=32", "lora_dropout=0.3", "lr=1e-2", "grad_accum=1",
+            "batch_size=32", "micro_batch_tokens=256"]  # fmt: skip
+    straight = torchrun("train", "--output-dir", str(tmp_path / "straight"), *args)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    out = str(tmp_path / "cut")
+    cut = torchrun("train", "--output-dir", out, *args, TUNEOFF_TEST_INTERRUPT_AFTER_EPOCH="1")
+    assert cut.returncode != 0 and "--resume" in cut.stderr
+    resumed = torchrun("train", "--output-dir", out, *args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    adapter = "lora/adapter/adapter_model.safetensors"
+    a, b = load_file(tmp_path / "cut" / adapter), load_file(tmp_path / "straight" / adapter)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+
+
+def test_fsdp1_deepspeed_and_what_fsdp_cannot_run_are_refused_before_anything_is_written(
     tmp_path,
 ):
     out = tmp_path / "x"
@@ -143,6 +162,7 @@ def test_fsdp1_deepspeed_and_8bit_adam_under_fsdp_are_refused_before_anything_is
         ({"ACCELERATE_USE_FSDP": "true"}, [], "--fsdp_version 2"),
         ({"ACCELERATE_USE_DEEPSPEED": "true"}, [], "--fsdp_version 2"),
         (FSDP2, ["optimizer=adamw8bit"], "optimizer=adamw_lean"),
+        (FSDP2, ["micro_batch_tokens=512"], "micro_batch_tokens=0"),
     ):
         done = one_process("train", "--output-dir", str(out), *ARGS, *extra, **env)
         assert done.returncode == 2

@@ -31,6 +31,11 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, accelerator, state:
 
     unwrapped = accelerator.unwrap_model(model)
     weights, opt = get_state_dict(unwrapped, _inner(optimizer), options=_options(cpu_offload=True))
+    rngs = [_rng_state()]  # each process's own: their dropout draws differ
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        rngs = gather_object(rngs)
     if not accelerator.is_main_process:
         return
     tmp = path.with_name(path.name + ".tmp")
@@ -45,13 +50,12 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, accelerator, state:
         for k, v in s.items()
         if torch.is_tensor(v)
     }
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    for rank, rng in enumerate(rngs):
+        tensors.update({f"rng.{rank}.{device}": state for device, state in rng.items()})
     save_file(tensors, tmp / "optimizer.safetensors")
     scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
     meta = {
-        "format": 2,  # 1: optimizer state keyed by parameter index (before 2026-11-29)
+        "format": 2,  # 1: keyed by parameter index, one RNG state (before 2026-11-29)
         "train_state": asdict(state),
         "param_groups": opt["param_groups"],
         "scheduler": scheduler.state_dict(),
@@ -89,10 +93,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, accelerator) -> dic
             "rerun without --resume (with --overwrite) to start the arm again"
         )
     tensors = load_file(path / "optimizer.safetensors")
-    torch.set_rng_state(tensors.pop("rng.cpu"))
-    cuda_rng = tensors.pop("rng.cuda", None)
-    if cuda_rng is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(cuda_rng)
+    rngs = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith("rng.")]}
+    rank = accelerator.process_index if f"rng.{accelerator.process_index}.cpu" in rngs else 0
+    torch.set_rng_state(rngs[f"rng.{rank}.cpu"])  # another world size: rank 0's
+    if f"rng.{rank}.cuda" in rngs and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rngs[f"rng.{rank}.cuda"])
     opt_state: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         name, k = key.rsplit(".", 1)
@@ -132,6 +137,13 @@ def gather_weights(model, trainable_only: bool) -> dict[str, torch.Tensor] | Non
     every = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     aliases = every - {n for n, _ in model.named_parameters()}
     return {n: w for n, w in weights.items() if n not in aliases}
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def _trainable(model) -> set[str]:
