@@ -307,3 +307,23 @@ def test_packed_gradients_equal_padded_gradients(attn):
         two_rows = grads(collate_packed(examples, 0, 26))
         for a, b in zip(padded, two_rows):
             assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_equal_counts_top_up_every_process_with_unsupervised_copies_only():
+    """Under FSDP every process runs as many micro-batches per window as the one with the most
+    (each forward is a collective); what each trains on is unchanged."""
+    from tuneoff.train import epoch_windows
+
+    gen = torch.Generator().manual_seed(3)
+    lengths = [int(x) for x in torch.randint(5, 65, (50,), generator=gen)]
+    cfg = Config(batch_size=8, grad_accum=1, max_seq_len=64, micro_batch_tokens=128)
+    for rank in range(2):
+        plain = epoch_windows(50, cfg, 0, rank, 2, lengths)
+        equal = epoch_windows(50, cfg, 0, rank, 2, lengths, equal_counts=True)
+        other = epoch_windows(50, cfg, 0, 1 - rank, 2, lengths, equal_counts=True)
+        assert [len(w) for w in equal] == [len(w) for w in other]
+        assert any(
+            len(a) != len(b) for a, b in zip(plain, epoch_windows(50, cfg, 0, 1 - rank, 2, lengths))
+        )
+        for p, e in zip(plain, equal):
+            assert [m for m in e if m[1]] == [m for m in p if m[1]]

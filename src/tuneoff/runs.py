@@ -229,11 +229,6 @@ def check_launch(cfg: Config) -> None:
             f"FSDP version {version} is not supported: launch with accelerate launch --use_fsdp "
             "--fsdp_version 2 (FSDP2)"
         )
-    if on("ACCELERATE_USE_FSDP") and cfg.micro_batch_tokens:
-        raise UsageError(
-            "micro_batch_tokens does not run under FSDP yet (processes would run unequal "
-            "numbers of forward passes, each a collective): set micro_batch_tokens=0"
-        )
     if on("ACCELERATE_USE_FSDP") and cfg.optimizer == "adamw8bit":
         raise UsageError(
             "optimizer=adamw8bit does not run under FSDP (bitsandbytes' kernel takes no sharded "

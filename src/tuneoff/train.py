@@ -89,26 +89,44 @@ def plan_steps(n_examples: int, cfg: Config, world_size: int) -> tuple[int, int]
 
 
 def epoch_windows(
-    n_examples: int, cfg: Config, epoch: int, rank: int, world: int, lengths: list | None = None
+    n_examples: int,
+    cfg: Config,
+    epoch: int,
+    rank: int,
+    world: int,
+    lengths: list | None = None,
+    equal_counts: bool = False,
 ) -> list:
     """This process's micro-batches of one epoch, grouped by accumulation window. Each entry is
     (example indices, supervised). A process left without a batch in the last window gets a
     copy of another's with supervision off, since DDP needs every process in each backward.
     `lengths` (the examples' token counts) group batches when `group_by_length` is on, and cut
-    a window's examples by tokens when `micro_batch_tokens` is."""
+    a window's examples by tokens when `micro_batch_tokens` is. `equal_counts` (FSDP, whose
+    every forward is a collective): each process runs as many micro-batches as the process with
+    the most in that window, the extra ones copies with supervision off."""
     grouping = lengths if cfg.group_by_length else None
     batches = epoch_batches(n_examples, cfg.batch_size, cfg.seed, epoch, grouping)
+    by_tokens = bool(cfg.micro_batch_tokens) and lengths is not None
+
+    def micro(own: list, spare: list) -> list:
+        if not own:
+            return [(spare, False)]
+        if by_tokens:
+            examples = [i for b in own for i in b]
+            budget, mode = cfg.micro_batch_tokens, cfg.batching
+            return [
+                (b, True) for b in split_by_tokens(examples, lengths, budget, mode, cfg.max_seq_len)
+            ]
+        return [(b, True) for b in own]
+
     size = cfg.grad_accum * world
     out = []
     for start in range(0, len(batches), size):
         window = batches[start : start + size]
-        mine = [(b, True) for b in window[rank::world]] or [(window[0], False)]
-        if cfg.micro_batch_tokens and lengths is not None and mine[0][1]:
-            examples = [i for b, _ in mine for i in b]
-            cut = split_by_tokens(
-                examples, lengths, cfg.micro_batch_tokens, cfg.batching, cfg.max_seq_len
-            )
-            mine = [(b, True) for b in cut]
+        mine = micro(window[rank::world], window[0])
+        if equal_counts:
+            most = max(len(micro(window[r::world], window[0])) for r in range(world))
+            mine += [(mine[0][0], False)] * (most - len(mine))
         out.append(mine)
     return out
 
@@ -194,6 +212,7 @@ def train(
     a checkpoint at each epoch end."""
     device = accelerator.device.type
     rank, world = accelerator.process_index, accelerator.num_processes
+    sharded = getattr(accelerator.state, "fsdp_plugin", None) is not None  # FSDP
     per_epoch, total_steps = plan_steps(len(data["train"]), cfg, world)
     optimizer = make_optimizer(model, cfg, device)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
@@ -223,7 +242,7 @@ def train(
             break
         epoch_start = watch.total_s
         lengths = [len(e.input_ids) for e in data["train"]]
-        schedule = epoch_windows(len(data["train"]), cfg, epoch, rank, world, lengths)
+        schedule = epoch_windows(len(data["train"]), cfg, epoch, rank, world, lengths, sharded)
         begun = state.windows  # windows of this epoch done before a --resume
         todo = schedule[begun:]
         loader = iter(
