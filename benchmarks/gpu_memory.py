@@ -74,7 +74,7 @@ def run_case(name: str, budget: str, model: str) -> dict:
     from tuneoff.config import resolve
     from tuneoff.model import choose_runtime, load_arch_config
     from tuneoff.plan import advise, measure, predict
-    from tuneoff.train import apply_memory_budget
+    from tuneoff.arm import apply_memory_budget
 
     overrides, target, what = CASES[name]
     # The seed preset's batch settings; tuneoff's own cases in bf16 autocast (the preset's fp16

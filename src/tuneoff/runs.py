@@ -166,7 +166,7 @@ def train_arm(cfg: Config, overwrite: bool, resume: bool) -> tuple[Path, dict[st
     (None on a process other than the main one)."""
     from tuneoff.data import DataError, check_splits, prepare_splits
     from tuneoff.model import ModelError, check_model
-    from tuneoff.train import run_arm
+    from tuneoff.arm import run_arm
 
     check_launch(cfg)
     dist = _launched_processes(cfg)

@@ -1,4 +1,4 @@
-"""One training loop for every method, and `run_arm`, which trains and evaluates one arm.
+"""One training loop for every method (`tuneoff.arm.run_arm` trains and evaluates one arm).
 
 The loop reads top to bottom: accumulation windows of micro-batches, the loss of a window
 normalized by the supervised tokens of the whole window, clip, step, schedule, log, validate.
@@ -31,20 +31,11 @@ from tuneoff.batching import (
     split_by_tokens,
     supervised_tokens,
 )
-from tuneoff.checkpoint import gather_weights, load_checkpoint, save_checkpoint
-from tuneoff.config import Config, write_yaml
-from tuneoff.data import IGNORE, DataError, Example, read_splits, tokenize_split
-from tuneoff.evaluate import evaluate, evaluate_generation, evaluate_splits
+from tuneoff.checkpoint import load_checkpoint, save_checkpoint
+from tuneoff.config import Config
+from tuneoff.data import IGNORE, Example
+from tuneoff.evaluate import evaluate
 from tuneoff.loss import forward_loss
-from tuneoff.model import (
-    Runtime,
-    choose_runtime,
-    compile_model,
-    count_parameters,
-    load_model,
-    load_tokenizer,
-    prepare_model,
-)
 from tuneoff.optim import make_optimizer
 
 log = logging.getLogger(__name__)
@@ -387,78 +378,6 @@ def _maybe_interrupt(epochs_done: int) -> None:
         raise KeyboardInterrupt
 
 
-# --------------------------------------------------------------------------- one arm
-
-
-def run_arm(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
-    """Train (method 'base': only evaluate) one arm in this process and write its outputs:
-    config.yaml, metrics.jsonl, summary.json, generations.jsonl, adapter/ or model/."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    started = time.perf_counter()
-    tokenizer = load_tokenizer(cfg.model)
-    splits, manifest = read_splits(run_dir / "splits")
-    data, counts = {}, {}
-    for name, records in splits.items():
-        data[name], counts[name] = tokenize_split(records, tokenizer, cfg)
-        if records and not data[name]:
-            raise DataError(
-                f"all {len(records)} {name} examples were dropped: not one response token fits "
-                f"in max_seq_len={cfg.max_seq_len}; raise max_seq_len"
-            )
-    runtime = choose_runtime(cfg, micro_batch_tokens(data["train"], cfg))
-    log.info("device %s, precision %s (%s)", runtime.device, runtime.precision, runtime.reason)
-    accelerator = Accelerator(cpu=runtime.device == "cpu", mixed_precision=runtime.mixed_precision)
-    sharded = getattr(accelerator.state, "fsdp_plugin", None) is not None  # FSDP2: runs.py
-    budget = apply_memory_budget(cfg, runtime)
-    arm_dir = run_dir / cfg.method
-    arm_dir.mkdir(parents=True, exist_ok=True)
-    write_yaml(cfg, arm_dir / "config.yaml")
-    set_seed(cfg.seed)
-    model = load_model(cfg.model)
-    set_seed(cfg.seed)  # adapters are initialized from this seed in every arm
-    model = prepare_model(model, cfg, runtime)
-    if cfg.compile:
-        compile_model(model)
-    summary = _summary_head(cfg, runtime, model, counts, manifest, accelerator)
-    summary["memory_plan"] = (
-        {"error": f"not predicted: the planner assumes one process holding the whole model, "
-                  f"this run shards it over {accelerator.num_processes} with FSDP"}
-        if sharded
-        else _memory_plan(cfg, runtime, budget)
-    )  # fmt: skip
-    measure.reset_peak_memory(runtime.device)
-    try:
-        if cfg.method != "base":
-            summary["training"] = train(
-                model, accelerator, data, cfg, arm_dir, tokenizer.pad_token_id, resume
-            )
-            summary["memory"] = measure.measure_memory(runtime.device)  # the training peak
-        else:
-            model = accelerator.prepare(model)
-        pad_id = tokenizer.pad_token_id
-        summary["metrics"] = evaluate_splits(model, data, cfg, runtime.device, pad_id)
-        test = splits["test"]
-        summary["generation"] = evaluate_generation(
-            model, tokenizer, test, cfg, runtime.device, arm_dir
-        )
-        summary["outputs"] = _save_outputs(model, accelerator, tokenizer, cfg, arm_dir)
-        summary["status"] = "ok"
-    except torch.OutOfMemoryError as err:
-        log.error("%s arm ran out of memory: %s", cfg.method, str(err).splitlines()[0])
-        summary["status"], summary["error"] = "oom", str(err).splitlines()[0]
-        summary["memory"] = measure.measure_memory(runtime.device)  # reached before the OOM
-        if not sharded:
-            summary["advice"] = _memory_plan(cfg, runtime, budget, advice=True).get("advice")
-    summary["memory_overall"] = measure.measure_memory(runtime.device)  # evaluation included
-    summary.setdefault("memory", summary["memory_overall"])
-    summary["total_time_s"] = time.perf_counter() - started
-    if accelerator.is_main_process:
-        (arm_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
-
-
 def micro_batch_tokens(examples: list[Example], cfg: Config) -> float | None:
     """Mean tokens of a micro-batch of these examples (what CPU `precision=auto` weighs)."""
     if not examples:
@@ -470,87 +389,3 @@ def micro_batch_tokens(examples: list[Example], cfg: Config) -> float | None:
     # filled to about half an example short of it).
     step = mean * min(cfg.batch_size * cfg.grad_accum, len(examples))
     return step / math.ceil(step / max(cfg.micro_batch_tokens - mean / 2, mean))
-
-
-def apply_memory_budget(cfg: Config, runtime: Runtime) -> int | None:
-    """`memory_budget`: cap this process's CUDA caching allocator, so a large GPU behaves like
-    a small one. Returns the budget in bytes (None: no budget, or not on CUDA)."""
-    from tuneoff.config import parse_size
-
-    if cfg.memory_budget is None:
-        return None
-    budget = parse_size(cfg.memory_budget, "memory_budget")
-    if runtime.device != "cuda":
-        log.warning("memory_budget %s applies to CUDA only; ignored on CPU", cfg.memory_budget)
-        return None
-    total = torch.cuda.get_device_properties(accelerator_index()).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), accelerator_index())
-    log.info("memory budget %.2f GiB of this GPU's %.2f GiB", budget / 2**30, total / 2**30)
-    return budget
-
-
-def accelerator_index() -> int:
-    return torch.cuda.current_device() if torch.cuda.is_available() else 0
-
-
-def _memory_plan(cfg: Config, runtime: Runtime, budget: int | None, advice: bool = False):
-    """The planner's prediction for this arm (recorded beside the measured peak), and with
-    `advice` the cheapest settings that fit the budget. Tracing an unusual architecture on the
-    meta device can fail; that is recorded, and the run goes on."""
-    from tuneoff.model import ModelError, load_arch_config
-    from tuneoff.plan import advise, predict
-
-    try:
-        arch = load_arch_config(cfg.model)
-        pred = predict(cfg, arch, runtime, both_checkpointing=False)
-        out: dict[str, Any] = {"predicted": pred.to_dict()}
-        if advice:
-            limit = budget or (
-                torch.cuda.get_device_properties(accelerator_index()).total_memory
-                if runtime.device == "cuda"
-                else pred.peak_allocated
-            )
-            out["advice"] = advise(cfg, arch, runtime, limit, pred)
-        return out
-    except (ModelError, RuntimeError, NotImplementedError, ValueError) as err:
-        log.warning("memory prediction unavailable: %s", str(err).splitlines()[0][:200])
-        return {"error": str(err).splitlines()[0][:200]}
-
-
-def _summary_head(cfg, runtime: Runtime, model, counts, manifest, accelerator) -> dict[str, Any]:
-    return {
-        "status": "running",
-        "method": cfg.method,
-        "config": cfg.to_dict(),
-        "runtime": {
-            **measure.describe_device(runtime.device),
-            "precision": runtime.precision,
-            "precision_reason": runtime.reason,
-            "world_size": accelerator.num_processes,
-            "dataloader_workers": loader_workers(cfg),
-        },
-        "versions": measure.measure_versions(),
-        "git_sha": measure.git_sha(),
-        "params": count_parameters(model),
-        "data": {
-            "splits": counts,
-            "split_sha256": {k: v["sha256"] for k, v in manifest["files"].items()},
-        },
-    }
-
-
-def _save_outputs(model, accelerator, tokenizer, cfg: Config, arm_dir: Path) -> dict[str, str]:
-    """lora/qlora: PEFT adapter (PeftModel.from_pretrained); full: safetensors model
-    (AutoModelForCausalLM.from_pretrained); both with the tokenizer. base: nothing. Every
-    process calls it (FSDP gathers the weights); the main process writes."""
-    if cfg.method == "base":
-        return {}
-    target = arm_dir / ("model" if cfg.method == "full" else "adapter")
-    weights = gather_weights(model, trainable_only=cfg.method != "full")
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(
-            target, safe_serialization=True, state_dict=weights
-        )
-        tokenizer.save_pretrained(target)
-    accelerator.wait_for_everyone()
-    return {cfg.method: target.name}
