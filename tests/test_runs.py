@@ -76,3 +76,16 @@ def test_a_model_path_that_is_a_file_says_so(capsys, tmp_path):
                  *QUICK]) == 2  # fmt: skip
     one_line_error(capsys, "is a file")
     assert not out.exists()
+
+
+def test_saved_weights_get_the_mode_of_every_other_file(tmp_path):
+    """safetensors alone writes 0600 whatever the umask; a shared run must stay readable."""
+    import os
+
+    out = tmp_path / "run"
+    assert main(["train", "--method", "lora", "--output-dir", str(out), *QUICK]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    files = list(out.rglob("*.safetensors"))
+    assert {f.parent.name for f in files} == {"adapter", "checkpoint"}
+    assert {f.stat().st_mode & 0o777 for f in files} == {0o666 & ~umask}

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from tuneoff import measure
-from tuneoff.checkpoint import gather_weights
+from tuneoff.checkpoint import gather_weights, share_like_other_files
 from tuneoff.config import Config, write_yaml
 from tuneoff.data import DataError, read_splits, tokenize_split
 from tuneoff.evaluate import evaluate_generation, evaluate_splits
@@ -180,5 +180,6 @@ def _save_outputs(model, accelerator, tokenizer, cfg: Config, arm_dir: Path) -> 
             target, safe_serialization=True, state_dict=weights
         )
         tokenizer.save_pretrained(target)
+        share_like_other_files(target)
     accelerator.wait_for_everyone()
     return {cfg.method: target.name}

@@ -8,6 +8,7 @@ main process to save and cut again from the whole tensors on resume), whatever t
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -53,6 +54,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, accelerator, state:
     for rank, rng in enumerate(rngs):
         tensors.update({f"rng.{rank}.{device}": state for device, state in rng.items()})
     save_file(tensors, tmp / "optimizer.safetensors")
+    share_like_other_files(tmp)
     scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
     meta = {
         "format": 2,  # 1: keyed by parameter index, one RNG state (before 2026-11-29)
@@ -137,6 +139,15 @@ def gather_weights(model, trainable_only: bool) -> dict[str, torch.Tensor] | Non
     every = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     aliases = every - {n for n, _ in model.named_parameters()}
     return {n: w for n, w in weights.items() if n not in aliases}
+
+
+def share_like_other_files(directory: Path) -> None:
+    """safetensors writes its files 0600 whatever the umask (through a temporary file): give
+    them the mode every other file gets, so that others who may read the run can load them."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in directory.rglob("*.safetensors"):
+        path.chmod(0o666 & ~umask)
 
 
 def _rng_state() -> dict[str, torch.Tensor]:

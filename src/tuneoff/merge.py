@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from tuneoff.checkpoint import share_like_other_files
 from tuneoff.engine import (
     DTYPES,
     arm_config,
@@ -260,6 +261,7 @@ def _write(merged: Any, adapter_dir: Path, directory: Path, base: str) -> None:
     from transformers import AutoTokenizer
 
     merged.save_pretrained(directory, safe_serialization=True)
+    share_like_other_files(directory)
     has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
     tokenizer_src = adapter_dir if has_tokenizer else resolve_model_path(base)
     AutoTokenizer.from_pretrained(tokenizer_src).save_pretrained(directory)

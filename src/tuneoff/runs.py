@@ -164,9 +164,9 @@ def train_arm(cfg: Config, overwrite: bool, resume: bool) -> tuple[Path, dict[st
     """One arm in this process (or in each process of `accelerate launch` / torchrun), into a
     new run or an existing one (another arm of it): the run directory and the arm's summary
     (None on a process other than the main one)."""
+    from tuneoff.arm import run_arm
     from tuneoff.data import DataError, check_splits, prepare_splits
     from tuneoff.model import ModelError, check_model
-    from tuneoff.arm import run_arm
 
     check_launch(cfg)
     dist = _launched_processes(cfg)
