@@ -26,7 +26,7 @@ from tuneoff.model import (
     load_tokenizer,
     prepare_model,
 )
-from tuneoff.train import loader_workers, micro_batch_tokens, train
+from tuneoff.train import is_fsdp, loader_workers, micro_batch_tokens, train
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def run_arm(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     runtime = choose_runtime(cfg, micro_batch_tokens(data["train"], cfg))
     log.info("device %s, precision %s (%s)", runtime.device, runtime.precision, runtime.reason)
     accelerator = Accelerator(cpu=runtime.device == "cpu", mixed_precision=runtime.mixed_precision)
-    sharded = getattr(accelerator.state, "fsdp_plugin", None) is not None  # FSDP2: runs.py
+    sharded = is_fsdp(accelerator)
     budget = apply_memory_budget(cfg, runtime)
     arm_dir = run_dir / cfg.method
     arm_dir.mkdir(parents=True, exist_ok=True)

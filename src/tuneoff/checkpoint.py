@@ -120,13 +120,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, accelerator) -> dic
 def gather_weights(model, trainable_only: bool) -> dict[str, torch.Tensor] | None:
     """Whole weights on the main process's CPU from an FSDP-sharded model (every process calls
     it; the others get an empty dict). None where weights are not sharded: save as they are."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.tensor import DTensor
 
-    sharded = any(isinstance(p, DTensor) for p in model.parameters()) or any(
-        isinstance(m, FullyShardedDataParallel) for m in model.modules()
-    )  # FSDP2 shards parameters into DTensors, FSDP1 wraps modules
-    if not sharded:
+    if not any(isinstance(p, DTensor) for p in model.parameters()):  # FSDP2 shards into DTensors
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

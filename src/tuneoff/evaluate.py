@@ -51,9 +51,8 @@ def evaluate(
     batches = list(batches)
     if batches and id(model) not in _WARMED:
         # One untimed pass per model and process: start-up (CUDA context and kernels, oneDNN
-        # kernels, the allocator's first blocks) is not throughput. Without it, the base arm,
-        # which evaluates first in its process, measured slower than arms evaluated after
-        # training (on CPU 583 to 33,067 tokens/s for the same model).
+        # kernels, the allocator's first blocks) is not throughput, and the base arm evaluates
+        # first in its process while the other arms evaluate after training.
         forward_stats(model, {k: v.to(device) for k, v in batches[0].items()}, chunk_size)
         _WARMED.add(id(model))
     for batch in batches:

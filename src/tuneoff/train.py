@@ -122,6 +122,11 @@ def epoch_windows(
     return out
 
 
+def is_fsdp(accelerator: Any) -> bool:
+    """Launched with FSDP (FSDP2: others are refused by `runs.check_launch`)."""
+    return getattr(accelerator.state, "fsdp_plugin", None) is not None
+
+
 def loader_workers(cfg: Config) -> int:
     return min(cfg.num_workers, os.cpu_count() or 1)
 
@@ -203,7 +208,6 @@ def train(
     a checkpoint at each epoch end."""
     device = accelerator.device.type
     rank, world = accelerator.process_index, accelerator.num_processes
-    sharded = getattr(accelerator.state, "fsdp_plugin", None) is not None  # FSDP
     per_epoch, total_steps = plan_steps(len(data["train"]), cfg, world)
     optimizer = make_optimizer(model, cfg, device)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
@@ -233,7 +237,9 @@ def train(
             break
         epoch_start = watch.total_s
         lengths = [len(e.input_ids) for e in data["train"]]
-        schedule = epoch_windows(len(data["train"]), cfg, epoch, rank, world, lengths, sharded)
+        schedule = epoch_windows(
+            len(data["train"]), cfg, epoch, rank, world, lengths, is_fsdp(accelerator)
+        )
         begun = state.windows  # windows of this epoch done before a --resume
         todo = schedule[begun:]
         loader = iter(
