@@ -1,10 +1,12 @@
-"""Several processes under torchrun (2 CPU processes, gloo): DDP and FSDP2 give one run directory,
-one report, and the updates of one process accumulating the same micro-batches (also when each
-process cuts its examples by tokens); FSDP2 gathers shards to save and resumes whatever the world
-size that wrote the checkpoint; each process resumes with its own random state."""
+"""Several processes under torchrun (2 CPU processes, gloo): DDP, FSDP2 and DeepSpeed ZeRO-1/2 give
+one run directory, one report, and the updates of one process accumulating the same micro-batches
+(also when each process cuts its examples by tokens); FSDP2 gathers shards to save and resumes
+whatever the world size that wrote the checkpoint; DeepSpeed saves ZeRO's fp32 masters and resumes
+from its engine's checkpoint; each process resumes with its own random state."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -25,6 +27,10 @@ ARGS = ["--method", "full", "--limit", "300", "--max-steps", "6", "gen_examples=
 FSDP2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
          "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP"}  # fmt: skip
 FSDP_ON_CPU = str(Path(__file__).with_name("fsdp_on_cpu.py"))
+DEEPSPEED_ON_CPU = str(Path(__file__).with_name("deepspeed_on_cpu.py"))
+needs_deepspeed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed"
+)
 
 
 def run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
@@ -32,10 +38,15 @@ def run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
-def torchrun(*args: str, fsdp: bool = False, **env: str) -> subprocess.CompletedProcess:
+def torchrun(
+    *args: str, fsdp: bool = False, zero: int = 0, **env: str
+) -> subprocess.CompletedProcess:
     launch = [shutil.which("torchrun"), "--standalone", "--nproc_per_node", "2"]
     if fsdp:
         return run([*launch, FSDP_ON_CPU, *args], **FSDP2, **env)
+    if zero:  # what `accelerate launch --use_deepspeed --zero_stage N` sets
+        stage = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(zero)}
+        return run([*launch, DEEPSPEED_ON_CPU, *args], **stage, **env)
     return run([*launch, "-m", "tuneoff", *args], **env)
 
 
@@ -153,6 +164,65 @@ def test_fsdp2_lora_resumes_from_its_gathered_checkpoint_as_one_uninterrupted_pr
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5)
 
 
+@needs_deepspeed
+def test_deepspeed_zero_1_and_2_equal_one_process_and_save_the_fp32_masters(
+    tmp_path, accumulating, accumulating_32
+):
+    zero2 = torchrun("train", "--output-dir", str(tmp_path / "z2"), *ARGS, "grad_accum=1", zero=2)
+    assert zero2.returncode == 0, zero2.stderr[-2000:]
+    assert zero2.stdout.count("report:") == 1
+    s_z2, s_one = summary(tmp_path / "z2"), summary(accumulating)
+    assert s_z2["runtime"]["world_size"] == 2 and "DeepSpeed" in s_z2["memory_plan"]["error"]
+    assert s_z2["metrics"]["val"]["loss"] == pytest.approx(s_one["metrics"]["val"]["loss"],
+                                                           rel=1e-5)  # fmt: skip
+    same_log(tmp_path / "z2", accumulating)
+    grad_norms = []  # the engine clips: its norm is logged, as the loop's is
+    for path in (tmp_path / "z2", accumulating):
+        lines = (path / "full" / "metrics.jsonl").read_text().splitlines()
+        grad_norms.append([json.loads(x)["grad_norm"] for x in lines if '"train"' in x])
+    assert grad_norms[0] == pytest.approx(grad_norms[1], rel=1e-4)
+    saved = load_file(tmp_path / "z2" / "full" / "model" / "model.safetensors")
+    whole = load_file(accumulating / "full" / "model" / "model.safetensors")
+    assert saved.keys() == whole.keys()
+    for name, weight in whole.items():
+        torch.testing.assert_close(saved[name], weight, rtol=0, atol=1e-5)
+    # ZeRO-2 reduces gradients in every backward: unequal micro-batch counts are topped up.
+    cut = torchrun("train", "--output-dir", str(tmp_path / "cut"), *ARGS, "grad_accum=1",
+                   "batch_size=32", "micro_batch_tokens=256", zero=1)  # fmt: skip
+    assert cut.returncode == 0, cut.stderr[-2000:]
+    assert summary(tmp_path / "cut")["metrics"]["val"]["loss"] == pytest.approx(
+        summary(accumulating_32)["metrics"]["val"]["loss"], rel=1e-5
+    )
+
+
+@needs_deepspeed
+def test_deepspeed_bf16_lora_resumes_as_it_would_have_run(tmp_path):
+    """Under bf16 DeepSpeed computes with bf16 copies of every weight: the adapter saved is
+    ZeRO's fp32 masters, and a resumed run equals an uninterrupted one (its random states too)."""
+    args = ["--method", "lora", "--limit", "160", "epochs=2", "gen_examples=0",
+            "eval_batch_size=32", "lora_dropout=0.3", "lr=1e-2", "precision=bf16"]  # fmt: skip
+    straight = torchrun("train", "--output-dir", str(tmp_path / "straight"), *args, zero=2)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    out = str(tmp_path / "cut")
+    cut = torchrun("train", "--output-dir", out, *args, zero=2,
+                   TUNEOFF_TEST_INTERRUPT_AFTER_EPOCH="1")  # fmt: skip
+    assert cut.returncode != 0 and "--resume" in cut.stderr
+    assert (tmp_path / "cut" / "lora" / "checkpoint" / "deepspeed").is_dir()
+    alone = one_process("train", "--output-dir", out, *args, "--resume")
+    error = alone.stderr.strip().splitlines()[-1]
+    assert alone.returncode == 2 and error.startswith("tuneoff: error: checkpoint")
+    assert "under DeepSpeed on 2" in error
+    resumed = torchrun("train", "--output-dir", out, *args, "--resume", zero=2)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    adapter = "lora/adapter/adapter_model.safetensors"
+    a, b = load_file(tmp_path / "cut" / adapter), load_file(tmp_path / "straight" / adapter)
+    assert a.keys() == b.keys() and {w.dtype for w in a.values()} == {torch.float32}
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+    # Not a bf16 copy cast back: the masters hold bits that bf16 cannot.
+    assert any((w != w.bfloat16().float()).any() for w in a.values())
+
+
 def test_ddp_resume_restores_each_processs_random_state(tmp_path):
     """Cut by tokens, the processes run unequal numbers of forward passes, so their random
     states (dropout) differ at a checkpoint: each must get its own back."""
@@ -172,15 +242,24 @@ def test_ddp_resume_restores_each_processs_random_state(tmp_path):
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
 
 
-def test_fsdp1_deepspeed_and_8bit_adam_under_fsdp_are_refused_before_anything_is_written(
-    tmp_path,
-):
+def test_launches_not_supported_are_refused_before_anything_is_written(tmp_path):
     out = tmp_path / "x"
-    for env, extra, fix in (
+    config = tmp_path / "ds.json"
+    config.write_text('{"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}}')
+    deepspeed = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}
+    refused = [
         ({"ACCELERATE_USE_FSDP": "true"}, [], "--fsdp_version 2"),
-        ({"ACCELERATE_USE_DEEPSPEED": "true"}, [], "--fsdp_version 2"),
         (FSDP2, ["optimizer=adamw8bit"], "optimizer=adamw_lean"),
-    ):
+    ]
+    if importlib.util.find_spec("deepspeed") is not None:
+        refused += [
+            ({**deepspeed, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, [], "--use_fsdp"),
+            ({**deepspeed, "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}, [],
+             "without offload"),
+            (deepspeed, ["optimizer=adamw_lean"], "use optimizer=adamw"),
+            ({**deepspeed, "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(config)}, [], "remove it"),
+        ]  # fmt: skip
+    for env, extra, fix in refused:
         done = one_process("train", "--output-dir", str(out), *ARGS, *extra, **env)
         assert done.returncode == 2
         assert done.stderr.startswith("tuneoff: error:") and fix in done.stderr

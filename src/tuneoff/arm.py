@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from tuneoff import measure
-from tuneoff.checkpoint import gather_weights, share_like_other_files
+from tuneoff.checkpoint import gather_weights, is_deepspeed, share_like_other_files
 from tuneoff.config import Config, write_yaml
 from tuneoff.data import DataError, read_splits, tokenize_split
 from tuneoff.evaluate import evaluate_generation, evaluate_splits
@@ -51,7 +51,7 @@ def run_arm(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     runtime = choose_runtime(cfg, micro_batch_tokens(data["train"], cfg))
     log.info("device %s, precision %s (%s)", runtime.device, runtime.precision, runtime.reason)
     accelerator = Accelerator(cpu=runtime.device == "cpu", mixed_precision=runtime.mixed_precision)
-    sharded = is_fsdp(accelerator)
+    sharded = "FSDP" if is_fsdp(accelerator) else "DeepSpeed" if is_deepspeed(accelerator) else ""
     budget = apply_memory_budget(cfg, runtime)
     arm_dir = run_dir / cfg.method
     arm_dir.mkdir(parents=True, exist_ok=True)
@@ -65,7 +65,7 @@ def run_arm(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     summary = _summary_head(cfg, runtime, model, counts, manifest, accelerator)
     summary["memory_plan"] = (
         {"error": f"not predicted: the planner assumes one process holding the whole model, "
-                  f"this run shards it over {accelerator.num_processes} with FSDP"}
+                  f"this run shards it over {accelerator.num_processes} with {sharded}"}
         if sharded
         else _memory_plan(cfg, runtime, budget)
     )  # fmt: skip
@@ -170,7 +170,8 @@ def _summary_head(cfg, runtime: Runtime, model, counts, manifest, accelerator) -
 def _save_outputs(model, accelerator, tokenizer, cfg: Config, arm_dir: Path) -> dict[str, str]:
     """lora/qlora: PEFT adapter (PeftModel.from_pretrained); full: safetensors model
     (AutoModelForCausalLM.from_pretrained); both with the tokenizer. base: nothing. Every
-    process calls it (FSDP gathers the weights); the main process writes."""
+    process calls it (FSDP gathers the weights, DeepSpeed its fp32 masters); the main process
+    writes."""
     if cfg.method == "base":
         return {}
     target = arm_dir / ("model" if cfg.method == "full" else "adapter")

@@ -3,7 +3,10 @@ safetensors, everything else in JSON. Never pickle.
 
 Weights and optimizer state go through torch's distributed state-dict API as whole tensors named
 by parameter, so one format serves one process, DDP and FSDP (whose shards are gathered to the
-main process to save and cut again from the whole tensors on resume), whatever the world size."""
+main process to save and cut again from the whole tensors on resume), whatever the world size.
+Under DeepSpeed, whose ZeRO optimizer keeps fp32 master weights and moments in flat partitions
+of its own, the engine writes those (its format, `torch.save`d tensors; resumed on as many
+processes) and the rest is as above."""
 
 from __future__ import annotations
 
@@ -30,8 +33,19 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, accelerator, state:
     directory renamed at the end, so a crash never leaves half a checkpoint."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
+    tmp = path.with_name(path.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash
+        tmp.mkdir(parents=True)
     unwrapped = accelerator.unwrap_model(model)
-    weights, opt = get_state_dict(unwrapped, _inner(optimizer), options=_options(cpu_offload=True))
+    deepspeed = is_deepspeed(accelerator)
+    if deepspeed:  # every process writes its partition of the optimizer
+        accelerator.wait_for_everyone()
+        model.save_checkpoint(str(tmp / "deepspeed"), tag="last", exclude_frozen_parameters=True)
+        weights, opt = {}, {"state": {}, "param_groups": []}
+    else:
+        opts = _options(cpu_offload=True)
+        weights, opt = get_state_dict(unwrapped, _inner(optimizer), options=opts)
     rngs = [_rng_state()]  # each process's own: their dropout draws differ
     if accelerator.num_processes > 1:
         from accelerate.utils import gather_object
@@ -39,11 +53,10 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, accelerator, state:
         rngs = gather_object(rngs)
     if not accelerator.is_main_process:
         return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
     names = _trainable(unwrapped)  # a tied head once, a frozen tied head not at all
     weights = {n: w.contiguous() for n, w in weights.items() if n in names}
-    save_file(weights, tmp / "trainable.safetensors")
+    if not deepspeed:
+        save_file(weights, tmp / "trainable.safetensors")
     # Parameter names contain dots, the optimizer's state keys (step, exp_avg, ...) do not.
     tensors = {
         f"{name}.{k}": v.contiguous()
@@ -62,6 +75,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, accelerator, state:
         "param_groups": opt["param_groups"],
         "scheduler": scheduler.state_dict(),
         "scaler": scaler,
+        "deepspeed_processes": accelerator.num_processes if deepspeed else None,
     }
     (tmp / "state.json").write_text(json.dumps(meta, indent=1, default=str))
     old = path.with_name(path.name + ".old")
@@ -87,6 +101,12 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, accelerator) -> dic
             "(with --overwrite) to start the arm again"
         )
     unwrapped = accelerator.unwrap_model(model)
+    tensors = load_file(path / "optimizer.safetensors")
+    rngs = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith("rng.")]}
+    _restore_rng(rngs, accelerator.process_index)
+    scheduler.load_state_dict(meta["scheduler"])
+    if _load_deepspeed(path, meta, model, accelerator):
+        return meta["train_state"]
     weights = load_file(path / "trainable.safetensors")
     if set(weights) != _trainable(unwrapped):
         odd = sorted(set(weights) ^ _trainable(unwrapped))[:3]
@@ -94,12 +114,6 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, accelerator) -> dic
             f"checkpoint {path} does not hold this arm's trainable weights (differ: {odd}): "
             "rerun without --resume (with --overwrite) to start the arm again"
         )
-    tensors = load_file(path / "optimizer.safetensors")
-    rngs = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith("rng.")]}
-    rank = accelerator.process_index if f"rng.{accelerator.process_index}.cpu" in rngs else 0
-    torch.set_rng_state(rngs[f"rng.{rank}.cpu"])  # another world size: rank 0's
-    if f"rng.{rank}.cuda" in rngs and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rngs[f"rng.{rank}.cuda"])
     opt_state: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         name, k = key.rsplit(".", 1)
@@ -111,10 +125,42 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, accelerator) -> dic
         optim_state_dict={"state": opt_state, "param_groups": meta["param_groups"]},
         options=_options(strict=False),  # checked above; tied weights are saved once
     )
-    scheduler.load_state_dict(meta["scheduler"])
     if meta["scaler"] is not None and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(meta["scaler"])
     return meta["train_state"]
+
+
+def _restore_rng(rngs: dict[str, torch.Tensor], rank: int) -> None:
+    rank = rank if f"rng.{rank}.cpu" in rngs else 0
+    torch.set_rng_state(rngs[f"rng.{rank}.cpu"])  # another world size: rank 0's
+    if f"rng.{rank}.cuda" in rngs and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rngs[f"rng.{rank}.cuda"])
+
+
+def _load_deepspeed(path: Path, meta: dict, model, accelerator) -> bool:
+    """Restores weights and optimizer from DeepSpeed's part of a checkpoint; False when the
+    checkpoint has none (and the run is not under DeepSpeed either)."""
+    saved, now = meta.get("deepspeed_processes"), is_deepspeed(accelerator)
+    if not saved and not now:
+        return False
+    again = "rerun without --resume (with --overwrite) to start the arm again"
+    if not saved:
+        raise CheckpointError(
+            f"checkpoint {path} was written without DeepSpeed: resume it without DeepSpeed, "
+            f"or {again}"
+        )
+    if not now or saved != accelerator.num_processes:
+        raise CheckpointError(
+            f"checkpoint {path} was written by {saved} DeepSpeed processes: resume it under "
+            f"DeepSpeed on {saved} (ZeRO's partitions are per process), or {again}"
+        )
+    loaded, _ = model.load_checkpoint(
+        str(path / "deepspeed"), tag="last", load_module_strict=False,
+        load_optimizer_states=True, load_lr_scheduler_states=False,
+    )  # fmt: skip
+    if loaded is None:
+        raise CheckpointError(f"DeepSpeed found no checkpoint in {path / 'deepspeed'}: {again}")
+    return True
 
 
 def gather_weights(model, trainable_only: bool) -> dict[str, torch.Tensor] | None:
@@ -122,6 +168,8 @@ def gather_weights(model, trainable_only: bool) -> dict[str, torch.Tensor] | Non
     it; the others get an empty dict). None where weights are not sharded: save as they are."""
     from torch.distributed.tensor import DTensor
 
+    if any(hasattr(p, "_hp_mapping") for p in model.parameters()):  # DeepSpeed ZeRO's
+        return _deepspeed_weights(model, trainable_only)
     if not any(isinstance(p, DTensor) for p in model.parameters()):  # FSDP2 shards into DTensors
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -135,6 +183,26 @@ def gather_weights(model, trainable_only: bool) -> dict[str, torch.Tensor] | Non
     every = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     aliases = every - {n for n, _ in model.named_parameters()}
     return {n: w for n, w in weights.items() if n not in aliases}
+
+
+def _deepspeed_weights(model, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """ZeRO's fp32 master weights, not the bf16/fp16 copies the model computes with (every
+    process calls it: each holds part of the masters)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = getattr(model, "module", model)
+    weights = {}
+    for name, p in module.named_parameters():  # a tied weight once
+        if p.requires_grad:
+            weights[name] = safe_get_full_fp32_param(p).cpu()
+        elif not trainable_only:
+            weights[name] = p.detach().cpu()
+    return weights
+
+
+def is_deepspeed(accelerator) -> bool:
+    """Launched with DeepSpeed (ZeRO stage 1 or 2: others are refused by `runs.check_launch`)."""
+    return getattr(accelerator.state, "deepspeed_plugin", None) is not None
 
 
 def share_like_other_files(directory: Path) -> None:

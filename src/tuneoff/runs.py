@@ -210,19 +210,16 @@ def train_arm(cfg: Config, overwrite: bool, resume: bool) -> tuple[Path, dict[st
 
 
 def check_launch(cfg: Config) -> None:
-    """Under `accelerate launch`: DDP and FSDP2 are supported (saving and resuming gather FSDP2's
-    shards; tested on CPU); FSDP1 and DeepSpeed are refused before anything is written. Reads the
-    environment `accelerate launch` sets, as Accelerate itself does."""
+    """Under `accelerate launch`: DDP, FSDP2 and DeepSpeed ZeRO stages 1 and 2 are supported
+    (saving and resuming gather FSDP2's shards and ZeRO's master weights; tested on CPU); other
+    launches are refused before anything is written. Reads the environment `accelerate launch`
+    sets, as Accelerate itself does."""
 
     def on(name: str) -> bool:
         return os.environ.get(name, "false").lower() == "true"
 
     if on("ACCELERATE_USE_DEEPSPEED"):
-        raise UsageError(
-            "DeepSpeed is not supported yet: launch with FSDP2 (accelerate launch --use_fsdp "
-            "--fsdp_version 2 ...) or with DDP (torchrun, or accelerate launch without "
-            "--use_deepspeed)"
-        )
+        _check_deepspeed(cfg)
     version = os.environ.get("FSDP_VERSION", "1")  # Accelerate's default
     if on("ACCELERATE_USE_FSDP") and version != "2":
         raise UsageError(
@@ -233,6 +230,46 @@ def check_launch(cfg: Config) -> None:
         raise UsageError(
             "optimizer=adamw8bit does not run under FSDP (bitsandbytes' kernel takes no sharded "
             "tensors): use optimizer=adamw or optimizer=adamw_lean"
+        )
+
+
+def _check_deepspeed(cfg: Config) -> None:
+    """ZeRO stage 1 or 2 without offload, with torch's AdamW."""
+    try:
+        from accelerate.utils import DeepSpeedPlugin
+
+        plugin = DeepSpeedPlugin()  # reads the launch's environment and config file
+    except ImportError as err:
+        raise UsageError(f"DeepSpeed launch, but {err}: pip install deepspeed") from None
+    except (OSError, ValueError) as err:
+        where = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+        raise UsageError(f"the DeepSpeed config {where}: {str(err).splitlines()[0]}") from None
+    for key in ("optimizer", "scheduler"):
+        if key in plugin.deepspeed_config:
+            raise UsageError(
+                f"the DeepSpeed config has an {key!r} section: remove it (tuneoff's config sets "
+                "the optimizer and its schedule: optimizer, lr, warmup_steps, lr_schedule)"
+            )
+    zero = plugin.deepspeed_config.get("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    fsdp2 = "accelerate launch --use_fsdp --fsdp_version 2"
+    if stage not in (1, 2):
+        shards = " (to shard the weights too, use FSDP2: " + fsdp2 + ")" if stage == 3 else ""
+        raise UsageError(
+            f"DeepSpeed ZeRO stage {stage} is not supported: launch with --zero_stage 1 or 2"
+            + shards
+        )
+    for part in ("offload_optimizer", "offload_param"):
+        device = (zero.get(part) or {}).get("device", "none")
+        if device not in ("none", None):
+            raise UsageError(
+                f"DeepSpeed {part} to {device} is not supported: launch without offload "
+                "(--offload_optimizer_device none --offload_param_device none)"
+            )
+    if cfg.optimizer != "adamw":
+        raise UsageError(
+            f"optimizer={cfg.optimizer} does not run under DeepSpeed (ZeRO hands the optimizer "
+            "flat fp32 partitions, and keeps fp32 masters anyway): use optimizer=adamw"
         )
 
 

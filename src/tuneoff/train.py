@@ -31,7 +31,7 @@ from tuneoff.batching import (
     split_by_tokens,
     supervised_tokens,
 )
-from tuneoff.checkpoint import load_checkpoint, save_checkpoint
+from tuneoff.checkpoint import is_deepspeed, load_checkpoint, save_checkpoint
 from tuneoff.config import Config
 from tuneoff.data import IGNORE, Example
 from tuneoff.evaluate import evaluate
@@ -92,9 +92,9 @@ def epoch_windows(
     (example indices, supervised). A process left without a batch in the last window gets a
     copy of another's with supervision off, since DDP needs every process in each backward.
     `lengths` (the examples' token counts) group batches when `group_by_length` is on, and cut
-    a window's examples by tokens when `micro_batch_tokens` is. `equal_counts` (FSDP, whose
-    every forward is a collective): each process runs as many micro-batches as the process with
-    the most in that window, the extra ones copies with supervision off."""
+    a window's examples by tokens when `micro_batch_tokens` is. `equal_counts` (FSDP, DeepSpeed:
+    collectives in every forward or backward): each process runs as many micro-batches as the
+    process with the most in that window, the extra ones copies with supervision off."""
     grouping = lengths if cfg.group_by_length else None
     batches = epoch_batches(n_examples, cfg.batch_size, cfg.seed, epoch, grouping)
     by_tokens = bool(cfg.micro_batch_tokens) and lengths is not None
@@ -125,6 +125,31 @@ def epoch_windows(
 def is_fsdp(accelerator: Any) -> bool:
     """Launched with FSDP (FSDP2: others are refused by `runs.check_launch`)."""
     return getattr(accelerator.state, "fsdp_plugin", None) is not None
+
+
+def collective_backward(accelerator: Any) -> bool:
+    """Every forward (FSDP) or backward (DeepSpeed ZeRO-2) is a collective: each process must run
+    as many micro-batches per window as the others."""
+    return is_fsdp(accelerator) or is_deepspeed(accelerator)
+
+
+def configure_deepspeed(accelerator: Any, cfg: Config) -> None:
+    """The run's config decides what DeepSpeed's would otherwise: the micro-batch, clipping, and
+    accumulation, which the loop does itself (`run_window` marks each window's boundary, so a
+    window may hold any number of micro-batches: `micro_batch_tokens`, a short last window)."""
+    if not is_deepspeed(accelerator):
+        return
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    ours = {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": cfg.batch_size * accelerator.num_processes,
+        "gradient_clipping": cfg.max_grad_norm,
+    }
+    for key, value in ours.items():
+        if ds.get(key, "auto") not in ("auto", value):
+            log.warning("DeepSpeed config %s=%s replaced by %s (the run's)", key, ds[key], value)
+        ds[key] = value
 
 
 def loader_workers(cfg: Config) -> int:
@@ -166,8 +191,9 @@ def make_loader(
 def run_window(
     model, accelerator, micro_batches: list[dict[str, torch.Tensor]], chunk_size: int = 0
 ) -> tuple[float, int]:
-    """Forward and backward over one accumulation window; returns the window's mean loss over
-    every process and this process's supervised tokens.
+    """Forward and backward over one accumulation window (under DeepSpeed, also the engine's
+    clipping and optimizer step); returns the window's mean loss over every process and this
+    process's supervised tokens.
 
     Each micro-batch's summed loss is divided by the supervised tokens of the whole window
     (over all processes), so the gradient is the mean over every supervised token."""
@@ -178,12 +204,21 @@ def run_window(
     window_loss = torch.zeros((), device=accelerator.device)
     config = getattr(getattr(model, "module", model), "config", None)  # DDP, PEFT: the base's
     varlen = getattr(config, "_attn_implementation", None) == attention.NAME
+    deepspeed = is_deepspeed(accelerator)
     for i, batch in enumerate(micro_batches):
         host = batch.get("position_ids")
         batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
         if varlen and host is not None and host.device.type == "cpu":  # segments without a sync
             attention.remember_segments(batch["position_ids"], host)
         last = i == len(micro_batches) - 1
+        if deepspeed:  # the engine reduces gradients, then clips and steps, at the boundary
+            part = forward_loss(model, batch, chunk_size)
+            model.set_gradient_accumulation_boundary(last)
+            model.backward(part * accelerator.num_processes / max(total, 1))
+            if last:
+                model.step()
+            window_loss += part.detach().float()
+            continue
         with accelerator.no_sync(model) if not last else nullcontext():
             with accelerator.autocast():
                 part = forward_loss(model, batch, chunk_size)
@@ -211,6 +246,7 @@ def train(
     per_epoch, total_steps = plan_steps(len(data["train"]), cfg, world)
     optimizer = make_optimizer(model, cfg, device)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
+    configure_deepspeed(accelerator, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     state = TrainState()
     if resume and (arm_dir / "checkpoint" / "state.json").is_file():  # before any forward
@@ -238,7 +274,7 @@ def train(
         epoch_start = watch.total_s
         lengths = [len(e.input_ids) for e in data["train"]]
         schedule = epoch_windows(
-            len(data["train"]), cfg, epoch, rank, world, lengths, is_fsdp(accelerator)
+            len(data["train"]), cfg, epoch, rank, world, lengths, collective_backward(accelerator)
         )
         begun = state.windows  # windows of this epoch done before a --resume
         todo = schedule[begun:]
