@@ -29,4 +29,5 @@ accelerate.state.AcceleratorState.__init__ = _fsdp_on_cpu
 if __name__ == "__main__":
     from tuneoff.cli import main
 
-    sys.exit(main(sys.argv[1:]))
+    args = sys.argv[1:]
+    sys.exit(main(args[2:] if args[:2] == ["-m", "tuneoff"] else args))  # as compare's launcher

@@ -223,6 +223,37 @@ def test_deepspeed_bf16_lora_resumes_as_it_would_have_run(tmp_path):
     assert any((w != w.bfloat16().float()).any() for w in a.values())
 
 
+def test_compare_runs_every_arm_under_its_launcher(tmp_path):
+    """--launcher: base (evaluation only: no wrapper) and each method in 2 processes."""
+    launcher = f"{shutil.which('torchrun')} --standalone --nproc_per_node 2"
+    args = ["--limit", "160", "--methods", "lora", "epochs=1", "gen_examples=2",
+            "eval_batch_size=32"]  # fmt: skip
+    out = tmp_path / "run"
+    done = one_process("compare", "--output-dir", str(out), "--launcher", launcher, *args)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "report.md").is_file()
+    for arm in ("base", "lora"):
+        assert summary(out, arm)["status"] == "ok"
+        assert summary(out, arm)["runtime"]["world_size"] == 2
+    # Under FSDP2 and DeepSpeed too, the base arm is evaluated unwrapped.
+    shims = [(FSDP_ON_CPU, FSDP2)]
+    if importlib.util.find_spec("deepspeed") is not None:
+        shims.append((DEEPSPEED_ON_CPU, {"ACCELERATE_USE_DEEPSPEED": "true"}))
+    for shim, env in shims:
+        base = tmp_path / Path(shim).stem
+        done = one_process("compare", "--output-dir", str(base), "--launcher",
+                           f"{launcher} {shim}", *args, "--methods", "full", "full.max_steps=2",
+                           **env)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        loss = summary(base, "base")["metrics"]["val"]["loss"]
+        assert loss == pytest.approx(summary(out, "base")["metrics"]["val"]["loss"], rel=1e-6)
+    # compare itself under a launcher would start every arm once per process: refused.
+    for extra, env in ((["--launcher", "no-such-launcher"], {}), ([], {"WORLD_SIZE": "2"})):
+        done = one_process("compare", "--output-dir", str(tmp_path / "x"), *args, *extra, **env)
+        assert done.returncode == 2 and "--launcher" in done.stderr.strip().splitlines()[-1]
+        assert not (tmp_path / "x").exists()
+
+
 def test_ddp_resume_restores_each_processs_random_state(tmp_path):
     """Cut by tokens, the processes run unequal numbers of forward passes, so their random
     states (dropout) differ at a checkpoint: each must get its own back."""

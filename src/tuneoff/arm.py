@@ -77,7 +77,9 @@ def run_arm(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
             )
             summary["memory"] = measure.measure_memory(runtime.device)  # the training peak
         else:
-            model = accelerator.prepare(model)
+            # Evaluation only: no DDP, FSDP or DeepSpeed wrapper (each refuses a model with
+            # nothing to train); every process holds the whole model.
+            model = accelerator.prepare_model(model, evaluation_mode=True)
         pad_id = tokenizer.pad_token_id
         summary["metrics"] = evaluate_splits(model, data, cfg, runtime.device, pad_id)
         test = splits["test"]

@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 
 from tuneoff.config import METHODS, TRAINING_METHODS, Config, ConfigError, preset_names
-from tuneoff.runs import UsageError, check_not_a_file, run_dir_of
+from tuneoff.runs import UsageError, check_not_a_file, launcher_command, run_dir_of
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_options(p)
     p.add_argument("--methods", help=f"comma-separated, from {', '.join(TRAINING_METHODS)}")
+    p.add_argument(
+        "--launcher",
+        help="run each arm's process under this command, e.g. 'accelerate launch "
+        "--num_processes 8' or 'torchrun --nproc_per_node 8' (with --use_fsdp --fsdp_version 2 "
+        "or --use_deepspeed --zero_stage 2 for Accelerate); default: one plain process per arm",
+    )
     p = sub.add_parser(
         "train",
         help="train (or evaluate) one arm",
@@ -303,8 +309,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from tuneoff.runs import compare
 
     cfg, per_arm, preset = resolve_args(args)
+    launcher = launcher_command(args.launcher)
     run_dir = args.run_dir = run_dir_of(cfg)
-    compare(cfg, per_arm, preset, run_dir, args.overwrite, args.resume)
+    compare(cfg, per_arm, preset, run_dir, args.overwrite, args.resume, launcher)
     report_path, table = write_report(run_dir)
     print(table)
     print(f"\nreport: {report_path}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -84,11 +85,39 @@ def claim_dir(path: Path, replace: bool) -> None:
 # --------------------------------------------------------------------------- compare
 
 
+def launcher_command(launcher: str | None) -> list[str]:
+    """The command that starts each arm of `compare`: `launcher` (split as a shell would, e.g.
+    `accelerate launch --num_processes 8`) or this Python, then `-m tuneoff train ...`."""
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        raise UsageError(
+            "compare starts each arm in its own processes: run it without a launcher, and pass "
+            "the launcher as --launcher 'accelerate launch ...' (or 'torchrun ...')"
+        )
+    if launcher is None:
+        return [sys.executable]
+    try:
+        words = shlex.split(launcher)
+    except ValueError as err:
+        raise UsageError(f"--launcher {launcher!r}: {err}") from None
+    if not words or shutil.which(words[0]) is None:
+        raise UsageError(
+            f"--launcher {launcher!r}: {words[0] if words else 'no command'} not found on PATH; "
+            "pass a command such as 'accelerate launch --num_processes 8'"
+        )
+    return words
+
+
 def compare(
-    cfg: Config, per_arm: dict, preset: str, run_dir: Path, overwrite: bool, resume: bool
+    cfg: Config,
+    per_arm: dict,
+    preset: str,
+    run_dir: Path,
+    overwrite: bool,
+    resume: bool,
+    launcher: list[str] | None = None,
 ) -> None:
-    """Every arm (base, then `cfg.methods`) in its own process on one split, then the
-    deployment figures; the caller writes the report."""
+    """Every arm (base, then `cfg.methods`) in its own process (or processes, under `launcher`)
+    on one split, then the deployment figures; the caller writes the report."""
     from tuneoff.config import write_yaml
     from tuneoff.data import prepare_splits
     from tuneoff.model import check_model
@@ -105,7 +134,7 @@ def compare(
     log.info("tuneoff compare: %s preset, arms base + %s -> %s", preset, ", ".join(cfg.methods),
              run_dir)  # fmt: skip
     for method in ["base", *cfg.methods]:
-        _run_arm_process(method, run_dir, per_arm.get(method, {}), resume)
+        _run_arm_process(method, run_dir, per_arm.get(method, {}), resume, launcher)
     _measure_deployment(run_dir)
 
 
@@ -133,14 +162,17 @@ def load_unless_split(cfg: Config, run_dir: Path, resume: bool) -> list[dict] | 
     return load_records(cfg.dataset, cfg.dataset_split, cfg.dataset_config)
 
 
-def _run_arm_process(method: str, run_dir: Path, overrides: dict, resume: bool) -> None:
+def _run_arm_process(
+    method: str, run_dir: Path, overrides: dict, resume: bool, launcher: list[str] | None
+) -> None:
     summary_path = run_dir / method / "summary.json"
     if resume and summary_path.is_file() and json.loads(summary_path.read_text())["status"] == "ok":
         log.info("\n== %s: already done, skipped (--resume)", method)
         return
     log.info("\n== %s", method)
-    cmd = [sys.executable, "-m", "tuneoff", "train", "--method", method, "--config",
-           str(run_dir / "config.yaml"), "--output-dir", str(run_dir), "--no-report"]  # fmt: skip
+    cmd = [*(launcher or [sys.executable]), "-m", "tuneoff", "train", "--method", method,
+           "--config", str(run_dir / "config.yaml"), "--output-dir", str(run_dir),
+           "--no-report"]  # fmt: skip
     cmd += ["--resume"] if resume else []
     cmd += [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
     started = time.perf_counter()
