@@ -93,3 +93,29 @@ def test_the_first_evaluation_of_a_model_has_one_untimed_pass_and_the_same_metri
     again = evaluate(model, [batch, batch], "cpu")
     assert len(calls) == 5
     assert first["loss"] == again["loss"] and first["tokens"] == again["tokens"] == 8
+
+
+def test_each_of_several_processes_evaluates_its_share_and_as_many_forwards(monkeypatch):
+    """Rank r of N takes batches r, r + N, ... and runs as many forwards as the rank with the
+    most (the spare ones discarded); the shares add up to the whole (the sums are reduced)."""
+    import tuneoff.evaluate as ev
+
+    supervised = [LABELS, LABELS.clone(), torch.tensor([[IGNORE, 2, IGNORE, IGNORE]])]
+    batches = [{"input_ids": torch.zeros(1, 4, dtype=torch.long), "labels": y} for y in supervised]
+    reference = FixedLogits()
+    whole = evaluate(reference, batches, "cpu")
+    monkeypatch.setattr(ev, "_sum_over_processes", lambda values, device: values)  # this share
+    monkeypatch.setattr(ev, "_max_over_processes", lambda value, device: value)
+    parts, models = [], []  # kept alive: a new model at a freed one's id counts as warmed
+    for rank in (0, 1):
+        monkeypatch.setattr(ev, "processes", lambda rank=rank: (rank, 2))
+        model, calls = FixedLogits(), []
+        models.append(model)
+        model.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        parts.append(evaluate(model, batches, "cpu"))
+        assert len(calls) == 1 + 2  # the untimed pass, then 2 forwards: 2 batches, or 1 + spare
+    assert parts[0]["supervised_tokens"] == 3 and parts[1]["supervised_tokens"] == 2
+    for key in ("supervised_tokens", "tokens"):
+        assert parts[0][key] + parts[1][key] == whole[key]
+    loss = sum(p["loss"] * p["supervised_tokens"] for p in parts) / whole["supervised_tokens"]
+    assert loss == pytest.approx(whole["loss"], rel=1e-12)

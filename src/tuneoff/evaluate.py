@@ -3,6 +3,9 @@
 Every metric is over supervised tokens only, with the shift done right: the logits at position t
 predict the label at t + 1. (The reference compared unshifted positions, which is why its token
 accuracy read 0.009 at perplexity 3.6.) Forward passes are timed apart from generation.
+
+Under several processes (DDP, FSDP, DeepSpeed) each evaluates its share of the batches and of
+the generation prompts, and the sums are reduced: the metrics of one process, N times sooner.
 """
 
 from __future__ import annotations
@@ -10,11 +13,13 @@ from __future__ import annotations
 import json
 import math
 import random
+import weakref
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from tuneoff.batching import eval_batches
 from tuneoff.data import prompt_ids, response_text
@@ -32,7 +37,7 @@ def summarize(total_loss: float, correct: int, tokens: int) -> dict[str, float]:
     }
 
 
-_WARMED: set[int] = set()
+_WARMED: weakref.WeakSet = weakref.WeakSet()  # not ids: a new model may reuse a freed id
 
 
 @torch.no_grad()
@@ -49,13 +54,15 @@ def evaluate(
     watch = Stopwatch(device)
     total_loss, correct, supervised, seen = 0.0, 0, 0, 0
     batches = list(batches)
-    if batches and id(model) not in _WARMED:
+    rank, world = processes()
+    mine = batches[rank::world]
+    if batches and model not in _WARMED:
         # One untimed pass per model and process: start-up (CUDA context and kernels, oneDNN
         # kernels, the allocator's first blocks) is not throughput, and the base arm evaluates
         # first in its process while the other arms evaluate after training.
         forward_stats(model, {k: v.to(device) for k, v in batches[0].items()}, chunk_size)
-        _WARMED.add(id(model))
-    for batch in batches:
+        _WARMED.add(model)
+    for batch in mine:
         batch = {k: v.to(device) for k, v in batch.items()}
         with watch:
             part_loss, part_correct, part_tokens = forward_stats(model, batch, chunk_size)
@@ -63,14 +70,51 @@ def evaluate(
         correct += part_correct
         supervised += part_tokens
         seen += _real_tokens(batch)
+    # Untimed, discarded passes so that every process runs as many forwards (FSDP's, and DDP's
+    # buffer broadcasts, are collectives).
+    for _ in range(-(-len(batches) // world) - len(mine)):
+        forward_stats(model, {k: v.to(device) for k, v in batches[0].items()}, chunk_size)
     model.train(was_training)
+    total_loss, correct, supervised, seen = _sum_over_processes(
+        [total_loss, correct, supervised, seen], device
+    )
+    elapsed = _max_over_processes(watch.total_s, device)  # wall time of the slowest
     return {
-        **summarize(total_loss, correct, supervised),
-        "supervised_tokens": supervised,
-        "tokens": seen,
-        "eval_time_s": watch.total_s,
-        "tokens_per_s": seen / watch.total_s if watch.total_s else float("nan"),
+        **summarize(total_loss, int(correct), int(supervised)),
+        "supervised_tokens": int(supervised),
+        "tokens": int(seen),
+        "eval_time_s": elapsed,
+        "tokens_per_s": seen / elapsed if elapsed else float("nan"),
     }
+
+
+def processes() -> tuple[int, int]:
+    """(rank, number) of the processes evaluating together; (0, 1) in one process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _sum_over_processes(values: list[float], device: str) -> list[float]:
+    if processes()[1] == 1:
+        return values
+    import torch.distributed as dist
+
+    summed = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(summed)
+    return summed.tolist()
+
+
+def _max_over_processes(value: float, device: str) -> float:
+    if processes()[1] == 1:
+        return value
+    import torch.distributed as dist
+
+    most = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return float(most)
 
 
 def _real_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -149,10 +193,30 @@ def evaluate_generation(model, tokenizer, records, cfg: Any, device: str, arm_di
     records = records[: cfg.gen_examples]
     if not records:
         return {"examples": 0}
+    rank, world = processes()
+    # FSDP's forwards are collectives, and answers end at different steps: there every process
+    # answers every prompt. Elsewhere each answers its share.
+    share = world > 1 and not any(isinstance(p, DTensor) for p in model.parameters())
+    mine = records[rank::world] if share else records
     answers, timing = generate_answers(
-        model, tokenizer, records, device, cfg.gen_max_new_tokens, cfg.gen_batch_size
+        model, tokenizer, mine, device, cfg.gen_max_new_tokens, cfg.gen_batch_size
     )
-    with (arm_dir / "generations.jsonl").open("w") as fh:
-        for record, answer in zip(records, answers):
-            fh.write(json.dumps({"record": record, "answer": answer}, ensure_ascii=False) + "\n")
+    if share:
+        import torch.distributed as dist
+
+        every: list = [None] * world
+        dist.all_gather_object(every, (answers, timing))
+        answers = [every[i % world][0][i // world] for i in range(len(records))]
+        seconds = max(t["generation_time_s"] for _, t in every)
+        tokens = sum(t["generated_tokens"] for _, t in every)
+        timing = {
+            "generation_time_s": seconds,
+            "generated_tokens": tokens,
+            "generation_tokens_per_s": tokens / seconds if seconds else float("nan"),
+        }
+    if rank == 0:
+        with (arm_dir / "generations.jsonl").open("w") as fh:
+            for record, answer in zip(records, answers):
+                line = {"record": record, "answer": answer}
+                fh.write(json.dumps(line, ensure_ascii=False) + "\n")
     return {"examples": len(records), "exact_match": exact_match(records, answers), **timing}
