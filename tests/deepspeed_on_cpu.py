@@ -21,18 +21,21 @@ def _gloo_for_deepspeed(self, cpu: bool = False, sagemaker_dp=False, backend=Non
     return _prepare_backend(self, cpu, sagemaker_dp, backend)
 
 
-def _not_cpu(init):
+def _not_cpu(init, position: int):
     # tuneoff asks for CPU processes on CPU, which makes Accelerate skip DeepSpeed altogether.
     def __init__(self, *args, **kwargs) -> None:
-        kwargs["cpu"] = False
+        if len(args) > position:  # AcceleratorState passes it to PartialState by position
+            args = (*args[:position], False, *args[position + 1 :])
+        else:
+            kwargs["cpu"] = False
         init(self, *args, **kwargs)
 
     return __init__
 
 
 accelerate.state.PartialState._prepare_backend = _gloo_for_deepspeed
-accelerate.state.PartialState.__init__ = _not_cpu(accelerate.state.PartialState.__init__)
-accelerate.state.AcceleratorState.__init__ = _not_cpu(accelerate.state.AcceleratorState.__init__)
+accelerate.state.PartialState.__init__ = _not_cpu(accelerate.state.PartialState.__init__, 0)
+accelerate.state.AcceleratorState.__init__ = _not_cpu(accelerate.state.AcceleratorState.__init__, 1)
 
 if __name__ == "__main__":
     from tuneoff.cli import main

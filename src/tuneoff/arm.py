@@ -157,6 +157,7 @@ def _summary_head(cfg, runtime: Runtime, model, counts, manifest, accelerator) -
             "precision": runtime.precision,
             "precision_reason": runtime.reason,
             "world_size": accelerator.num_processes,
+            "distributed": _distributed(accelerator),
             "dataloader_workers": loader_workers(cfg),
         },
         "versions": measure.measure_versions(),
@@ -167,6 +168,17 @@ def _summary_head(cfg, runtime: Runtime, model, counts, manifest, accelerator) -
             "split_sha256": {k: v["sha256"] for k, v in manifest["files"].items()},
         },
     }
+
+
+def _distributed(accelerator) -> str:
+    """How the processes share the work: none, ddp, fsdp2 or deepspeed-zero1/2."""
+    if accelerator.num_processes == 1 and not is_deepspeed(accelerator):
+        return "none"
+    if is_fsdp(accelerator):
+        return "fsdp2"
+    if is_deepspeed(accelerator):
+        return f"deepspeed-zero{accelerator.state.deepspeed_plugin.zero_stage}"
+    return "ddp"
 
 
 def _save_outputs(model, accelerator, tokenizer, cfg: Config, arm_dir: Path) -> dict[str, str]:
