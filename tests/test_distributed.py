@@ -256,6 +256,11 @@ def test_compare_runs_every_arm_under_its_launcher(tmp_path):
         assert done.returncode == 0, done.stderr[-2000:]
         loss = summary(base, "base")["metrics"]["val"]["loss"]
         assert loss == pytest.approx(summary(out, "base")["metrics"]["val"]["loss"], rel=1e-6)
+    # A launcher that runs something else: every arm a failed row, not a missing report.
+    odd = tmp_path / "odd"
+    done = one_process("compare", "--output-dir", str(odd), "--launcher", "true", *args)
+    assert done.returncode == 1 and (odd / "report.md").is_file()
+    assert "without writing its summary" in summary(odd, "lora")["error"]
     # compare itself under a launcher would start every arm once per process: refused.
     for extra, env in ((["--launcher", "no-such-launcher"], {}), ([], {"WORLD_SIZE": "2"})):
         done = one_process("compare", "--output-dir", str(tmp_path / "x"), *args, *extra, **env)

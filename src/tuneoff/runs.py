@@ -100,9 +100,10 @@ def launcher_command(launcher: str | None) -> list[str]:
     except ValueError as err:
         raise UsageError(f"--launcher {launcher!r}: {err}") from None
     if not words or shutil.which(words[0]) is None:
+        what = f"{words[0]} not found on PATH" if words else "no command"
         raise UsageError(
-            f"--launcher {launcher!r}: {words[0] if words else 'no command'} not found on PATH; "
-            "pass a command such as 'accelerate launch --num_processes 8'"
+            f"--launcher {launcher!r}: {what}; pass a command such as "
+            "'accelerate launch --num_processes 8'"
         )
     return words
 
@@ -177,13 +178,16 @@ def _run_arm_process(
     cmd += [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
     started = time.perf_counter()
     code = subprocess.run(cmd).returncode
-    if code != 0 and not summary_path.is_file():
+    if not summary_path.is_file():
         summary_path.parent.mkdir(parents=True, exist_ok=True)
+        error = f"arm process exited with code {code}; see its output above"
+        if code == 0:  # e.g. a --launcher that ran something else
+            error = f"arm process exited 0 without writing its summary: check {' '.join(cmd)}"
         failed = {
             "status": "failed",
             "method": method,
             "exit_code": code,
-            "error": f"arm process exited with code {code}; see its output above",
+            "error": error,
             "total_time_s": time.perf_counter() - started,
         }
         summary_path.write_text(json.dumps(failed, indent=2) + "\n")
