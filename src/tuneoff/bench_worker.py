@@ -120,38 +120,6 @@ def peak_flops(device: str) -> float | None:
 # --------------------------------------------------------------------------- timing
 
 
-class StepClock:
-    """Times optimizer steps without adding host syncs: CUDA events on CUDA, else perf_counter."""
-
-    def __init__(self, device: str) -> None:
-        self.cuda = device == "cuda"
-        self.spans: list[tuple[Any, Any]] = []
-        self._start: Any = None
-
-    def _mark(self) -> Any:
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def start(self) -> None:
-        self._start = self._mark()
-
-    def stop(self) -> None:
-        if self._start is not None:
-            self.spans.append((self._start, self._mark()))
-            self._start = None
-
-    def mean_ms(self) -> float | None:
-        if not self.spans:
-            return None
-        if self.cuda:
-            torch.cuda.synchronize()
-            return sum(a.elapsed_time(b) for a, b in self.spans) / len(self.spans)
-        return 1000 * sum(b - a for a, b in self.spans) / len(self.spans)
-
-
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -227,7 +195,7 @@ def tuneoff_worker(spec: dict[str, Any]) -> dict[str, Any]:
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     schedule = [m for w in windows for m in w]
     loader = iter(make_loader(examples, schedule, pad_id, cfg, device, model))
-    clock = StepClock(device)
+    clock = measure.StepClock(device)
     measure.reset_peak_memory(device)
     model.train()
     losses, slots, shapes, keys = [], 0, [], []
@@ -371,7 +339,7 @@ def trl_worker(spec: dict[str, Any]) -> dict[str, Any]:
         def _get_train_sampler(self, *args, **kwargs):
             return torch.utils.data.SequentialSampler(self.train_dataset)
 
-    clock = StepClock(device)
+    clock = measure.StepClock(device)
     ends: list[float] = []
 
     class Clock(TrainerCallback):

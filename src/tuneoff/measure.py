@@ -46,6 +46,38 @@ class Stopwatch:
         self.total_s += time.perf_counter() - self._start
 
 
+class StepClock:
+    """Times optimizer steps without adding host syncs: CUDA events on CUDA, else perf_counter."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device == "cuda"
+        self.spans: list[tuple[Any, Any]] = []
+        self._start: Any = None
+
+    def _mark(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def start(self) -> None:
+        self._start = self._mark()
+
+    def stop(self) -> None:
+        if self._start is not None:
+            self.spans.append((self._start, self._mark()))
+            self._start = None
+
+    def mean_ms(self) -> float | None:
+        if not self.spans:
+            return None
+        if self.cuda:
+            torch.cuda.synchronize()
+            return sum(a.elapsed_time(b) for a, b in self.spans) / len(self.spans)
+        return 1000 * sum(b - a for a, b in self.spans) / len(self.spans)
+
+
 def reset_peak_memory(device: str) -> None:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
