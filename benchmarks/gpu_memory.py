@@ -2,7 +2,7 @@
 random weights (no download), the reference's batch settings (micro-batch 4 x 256 tokens,
 accumulation 16), each case in its own process under `memory_budget` (default 16GiB).
 
-For each case: the planner's prediction, then real steps (`tuneoff.plan.measure`: one full
+For each case: the planner's prediction, then real steps (`tuneoff.measure.measure`: one full
 accumulation window, its optimizer step and one evaluation batch) with torch.cuda's allocated and
 reserved peaks, predicted / measured, and the issue's target where it has one. An OOM under the
 budget is a result (status "oom", the memory reached, and the planner's advice).
@@ -71,10 +71,11 @@ def run_case(name: str, budget: str, model: str) -> dict:
     """One case in this process (called as a worker)."""
     import torch
 
-    from tuneoff.config import resolve
-    from tuneoff.model import choose_runtime, load_arch_config
-    from tuneoff.plan import advise, measure, predict
     from tuneoff.arm import apply_memory_budget
+    from tuneoff.config import resolve
+    from tuneoff.measure import measure
+    from tuneoff.model import choose_runtime, load_arch_config
+    from tuneoff.plan import advise, predict
 
     overrides, target, what = CASES[name]
     # The seed preset's batch settings; tuneoff's own cases in bf16 autocast (the preset's fp16

@@ -13,9 +13,10 @@ from conftest import tiny_qwen2_config
 from tuneoff.cli import main
 from tuneoff.config import Config, ConfigError, parse_size
 from tuneoff.loss import forward_loss, forward_stats, loss_sum
+from tuneoff.measure import measure
 from tuneoff.model import Runtime, count_parameters, load_arch_config, prepare_model
 from tuneoff.optim import LeanAdamW, make_optimizer, optimizer_state_bytes
-from tuneoff.plan import GIB, measure, predict
+from tuneoff.plan import GIB, predict
 
 QWEN_1_5B = 1_543_714_304
 LORA_QKVO_R8 = 2_179_072

@@ -573,8 +573,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import torch
 
     from tuneoff.config import parse_overrides, parse_size, resolve
+    from tuneoff.measure import measure_arms
     from tuneoff.model import load_arch_config
-    from tuneoff.plan import measure_arms, plan_arms
+    from tuneoff.plan import plan_arms
     from tuneoff.report import format_plan
 
     overrides = parse_overrides(args.overrides)

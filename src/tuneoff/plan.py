@@ -14,11 +14,11 @@ Peak allocated is the largest of three phases:
   optimizer step   = weights + optimizer states + gradients + the step's temporaries
   evaluation       = weights + optimizer states + one evaluation batch's forward
 Reserved adds the caching allocator's slack; a GPU also needs the CUDA context beside it.
+`measure.measure` checks a prediction against real steps (`tuneoff plan --measure`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,15 +26,8 @@ from typing import Any
 import torch
 
 from tuneoff.config import Config
-from tuneoff.model import Runtime, prepare_model, weights_dtype
-from tuneoff.trace import (
-    forward_backward,
-    meta_model,
-    trace_batch,
-    trace_cfg,
-    trace_eval,
-    trace_train,
-)
+from tuneoff.model import Runtime, weights_dtype
+from tuneoff.trace import meta_model, trace_cfg, trace_eval, trace_train
 
 GIB = 2**30
 CUDA_CONTEXT = int(0.5 * GIB)  # driver, kernels and cuBLAS handles: outside torch's allocator
@@ -240,110 +233,6 @@ def settings_of(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     }
 
 
-# --------------------------------------------------------------------------- measurement
-
-
-def _weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of weights and buffers, 4-bit weights' quantization statistics included."""
-    seen, total = set(), 0
-    tensors = [*model.parameters(), *model.buffers()]
-    for module in model.modules():
-        state = getattr(getattr(module, "weight", None), "quant_state", None)
-        if state is not None:
-            tensors += [state.absmax, state.code]
-            if getattr(state, "state2", None) is not None:
-                tensors += [state.state2.absmax, state.state2.code]
-    for t in tensors:
-        if torch.is_tensor(t) and id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
-    return total
-
-
-def measure(cfg: Config, arch_config: Any, runtime: Runtime) -> dict[str, Any]:
-    """A few real steps with random weights of the exact architecture (no download): bytes by
-    component counted tensor by tensor (exact on any device), and on CUDA the allocator's
-    peaks over one full accumulation window."""
-    from transformers import AutoModelForCausalLM
-
-    from tuneoff.loss import forward_stats
-    from tuneoff.measure import TensorMemory
-    from tuneoff.optim import make_optimizer, optimizer_state_bytes
-
-    torch.manual_seed(cfg.seed)
-    with torch.device(runtime.device):  # random weights made where they will live
-        model = AutoModelForCausalLM.from_config(
-            arch_config, dtype=torch.float32, attn_implementation="sdpa"
-        )
-    model = prepare_model(model, cfg, runtime).to(runtime.device)
-    model.train()
-    optimizer = make_optimizer(model, cfg, runtime.device)
-    vocab = arch_config.vocab_size
-
-    def batch(eval_batch: bool = False) -> dict[str, torch.Tensor]:
-        b = trace_batch(cfg, runtime.device, eval_batch)
-        b["input_ids"] = torch.randint(0, vocab, b["input_ids"].shape, device=runtime.device)
-        return {**b, "labels": b["input_ids"].clone()}
-
-    autocast = (
-        torch.autocast(
-            runtime.device, dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[runtime.precision]
-        )
-        if runtime.precision != "fp32"
-        else contextlib.nullcontext()
-    )
-    out: dict[str, Any] = {"weights": _weight_bytes(model)}
-    with autocast:
-        forward_backward(model, [batch()], True, cfg.loss_chunk_size)  # optimizer states exist
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        peaks = {}
-        for with_loss in (False, True):
-            window = [batch()]  # one micro-batch: later ones reach the same peak
-            existing = tuple(t for b in window for t in b.values())
-            with TensorMemory(model, existing) as memory:
-                forward_backward(model, window, with_loss, cfg.loss_chunk_size)
-            peaks[with_loss] = memory.peak_bytes
-            out["gradients"] = sum(
-                p.grad.numel() * p.grad.element_size()
-                for p in model.parameters()
-                if p.grad is not None
-            )
-            optimizer.zero_grad(set_to_none=True)
-        out["activations"] = peaks[False]
-        out["logits_and_loss"] = max(0, peaks[True] - peaks[False])
-        out["optimizer"] = optimizer_state_bytes(optimizer)
-        model.eval()
-        eval_batch = batch(eval_batch=True)
-        with TensorMemory(model, tuple(eval_batch.values())) as memory:
-            forward_stats(model, eval_batch, cfg.loss_chunk_size)
-        out["evaluation"] = memory.peak_bytes
-        model.train()
-        if runtime.device == "cuda":
-            out.update(_cuda_window(model, optimizer, cfg, batch))
-    return out
-
-
-def _cuda_window(model, optimizer, cfg: Config, batch) -> dict[str, int]:
-    """The allocator's peaks over one accumulation window, its optimizer step, and one
-    evaluation batch: what `torch.cuda.max_memory_allocated` says a real step needs."""
-    from tuneoff.loss import forward_stats
-
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    forward_backward(model, [batch() for _ in range(cfg.grad_accum)], True, cfg.loss_chunk_size)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    model.eval()
-    forward_stats(model, batch(eval_batch=True), cfg.loss_chunk_size)
-    model.train()
-    torch.cuda.synchronize()
-    return {
-        "cuda_peak_allocated": torch.cuda.max_memory_allocated(),
-        "cuda_peak_reserved": torch.cuda.max_memory_reserved(),
-    }
-
-
 # --------------------------------------------------------------------------- advice
 
 
@@ -464,34 +353,3 @@ def plan_arms(
 def _param_count(arch_config: Any) -> int:
     model = meta_model(arch_config, Config(method="base"))
     return sum(p.numel() for p in model.parameters())
-
-
-def measure_arms(cfg: Config, methods: list[str], arch_config: Any) -> dict[str, Any]:
-    """`tuneoff plan --measure`: for each method, the prediction for this machine's runtime
-    beside a measurement of real steps with random weights of the architecture."""
-    import gc
-
-    from tuneoff.model import choose_runtime
-
-    runtime = choose_runtime(cfg)
-    out: dict[str, Any] = {"runtime": {"device": runtime.device, "precision": runtime.precision}}
-    for method in methods:
-        arm_cfg = cfg.replace(method=method)
-        pred = predict(arm_cfg, arch_config, runtime, both_checkpointing=False)
-        measured = measure(arm_cfg, arch_config, runtime)
-        predicted = {
-            **pred.components,
-            "peak_allocated": pred.peak_allocated,
-            "peak_reserved": pred.peak_reserved,
-        }
-        if "cuda_peak_allocated" in measured:
-            measured["peak_allocated"] = measured.pop("cuda_peak_allocated")
-            measured["peak_reserved"] = measured.pop("cuda_peak_reserved")
-        out[method] = {
-            "predicted_gib": {k: v / GIB for k, v in predicted.items()},
-            "measured_gib": {k: v / GIB for k, v in measured.items()},
-        }
-        gc.collect()
-        if runtime.device == "cuda":
-            torch.cuda.empty_cache()
-    return out
