@@ -575,8 +575,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from tuneoff.config import parse_overrides, parse_size, resolve
     from tuneoff.measure import measure_arms
     from tuneoff.model import load_arch_config
-    from tuneoff.plan import plan_arms
-    from tuneoff.report import format_plan
+    from tuneoff.plan import format_plan, plan_arms
 
     overrides = parse_overrides(args.overrides)
     if args.model:

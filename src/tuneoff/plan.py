@@ -27,6 +27,7 @@ import torch
 
 from tuneoff.config import Config
 from tuneoff.model import Runtime, weights_dtype
+from tuneoff.report import _num, _table  # plan tables print as the report's do
 from tuneoff.trace import meta_model, trace_cfg, trace_eval, trace_train
 
 GIB = 2**30
@@ -353,3 +354,97 @@ def plan_arms(
 def _param_count(arch_config: Any) -> int:
     model = meta_model(arch_config, Config(method="base"))
     return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- tuneoff plan
+
+PLAN_ROWS = (
+    ("weights", "weights"),
+    ("gradients", "gradients"),
+    ("optimizer", "optimizer states"),
+    ("activations", "activations"),
+    ("logits_and_loss", "logits and loss"),
+    ("autocast_copies", "autocast weight copies"),
+    ("step_temporaries", "optimizer-step temporaries"),
+    ("evaluation", "evaluation batch"),
+)
+
+
+def format_plan(result: dict[str, Any]) -> str:
+    """The text `tuneoff plan` prints: per arm, components in GiB, peaks, verdict, advice."""
+    arms = result["arms"]
+    names = list(arms)
+    rt = result["runtime"]
+    head = (
+        f"tuneoff plan: {result['model']} ({result['parameters']:,} parameters), "
+        f"{rt['device']} {rt['precision']} ({rt['reason']})"
+    )
+    first = arms[names[0]]["prediction"]["settings"]
+    micro = (
+        f"micro-batch {first['batch_size']} x {first['max_seq_len']} tokens "
+        f"({first['batching']}), accumulation {first['grad_accum']}"
+    )
+    if first.get("micro_batch_tokens"):
+        step = first["batch_size"] * first["grad_accum"]
+        micro = (
+            f"micro-batches of at most {first['micro_batch_tokens']:,} tokens "
+            f"({first['batching']}), {step} examples per optimizer step"
+        )
+    head += f"\n{micro}, eval batch {first['eval_batch_size']}; every value in GiB"
+    rows = []
+    for key, label in PLAN_ROWS:
+        rows.append(
+            [label] + [_num(arms[m]["prediction"]["components_gib"][key], 2) for m in names]
+        )
+    ckpt = [arms[m]["prediction"]["activations_gib_by_checkpointing"] for m in names]
+    rows.append(["  activations, checkpointing off"] + [_num(c.get("off"), 2) for c in ckpt])
+    rows.append(["  activations, checkpointing on"] + [_num(c.get("on"), 2) for c in ckpt])
+    rows.append(
+        ["peak allocated"] + [_num(arms[m]["prediction"]["peak_allocated_gib"], 2) for m in names]
+    )
+    rows.append(
+        ["peak reserved"] + [_num(arms[m]["prediction"]["peak_reserved_gib"], 2) for m in names]
+    )
+    if result["cuda_context_gib"]:
+        rows.append(["+ CUDA context"] + [_num(result["cuda_context_gib"], 2)] * len(names))
+    rows.append(["needs"] + [_num(arms[m]["needs_gib"], 2) for m in names])
+    if result["limit_gib"] is not None:
+        rows.append(
+            [f"fits {result['limit_gib']:.1f} GiB"]
+            + ["yes" if arms[m]["fits"] else "NO" for m in names]
+        )
+    lines = [head, "", _table(["", *names], rows)]
+    for m in names:
+        advice = arms[m].get("advice")
+        if not advice:
+            continue
+        if not advice["changes"]:
+            lines.append(f"\n{m}: nothing tuneoff can set makes it fit")
+            continue
+        verdict = "fits" if advice["fits"] else "still does not fit"
+        last = advice["changes"][-1]["peak_gib"]
+        lines.append(f"\n{m} {verdict} with: {advice['overrides']}  (needs {last:.2f} GiB)")
+        for change in advice["changes"]:
+            setting = " ".join(f"{k}={str(v).lower()}" for k, v in change["set"].items())
+            lines.append(
+                f"  {setting:<40} -> {change['peak_gib']:6.2f} GiB; cost: {change['cost']}"
+            )
+    if "measured" in result:
+        lines.append("\n" + format_measured(result["measured"]))
+    return "\n".join(lines)
+
+
+def format_measured(measured: dict[str, Any]) -> str:
+    """Predicted vs measured per component (`tuneoff plan --measure`)."""
+    rt = measured["runtime"]
+    lines = [f"predicted vs measured with random weights on {rt['device']} ({rt['precision']})"]
+    for method, arm in measured.items():
+        if method == "runtime":
+            continue
+        rows = []
+        for key, value in arm["measured_gib"].items():
+            pred = arm["predicted_gib"].get(key)
+            ratio = f"{pred / value:.3f}" if pred is not None and value else "-"
+            rows.append([key, _num(pred, 4), _num(value, 4), ratio])
+        lines += ["", f"{method}:", _table(["", "predicted GiB", "measured GiB", "ratio"], rows)]
+    return "\n".join(lines)
