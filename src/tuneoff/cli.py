@@ -340,7 +340,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from tuneoff.report import inspect_examples
+    from tuneoff.data import inspect_examples
 
     if args.limit < 1:
         raise UsageError(f"--limit {args.limit}: show at least 1 example")

@@ -6,7 +6,8 @@ ShareGPT's `conversations` of from/value), whose every assistant turn is supervi
 is made on raw records with a seeded permutation and written to `splits/` with a content hash,
 so every arm of a comparison reads the very same examples. Labels are built here, never by a
 collator: prompt tokens are -100 (unless `train_on_prompt`), each response ends with EOS and EOS
-is supervised even when the pad token equals EOS.
+is supervised even when the pad token equals EOS. `inspect_examples` shows a run's split
+tokenized so (`tuneoff inspect`).
 """
 
 from __future__ import annotations
@@ -448,3 +449,42 @@ def tokenize_split(
         "dropped": dropped,
     }
     return examples, counts
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def inspect_examples(path: Path, split: str, limit: int, as_json: bool = False) -> str:
+    """Tokenize a run's split exactly as training does; [bracketed] tokens count toward the loss."""
+    from tuneoff.model import load_tokenizer
+    from tuneoff.runs import load_run_config
+
+    run_dir, cfg = load_run_config(path)
+    tokenizer = load_tokenizer(cfg.model)
+    records = read_splits(run_dir / "splits")[0][split][:limit]
+    out, rows = [], []
+    for i, record in enumerate(records):
+        example = tokenize(record, tokenizer, cfg)
+        if example is None:
+            out.append(f"--- {split}[{i}]: dropped (the prompt leaves no room for a response)")
+            rows.append({"index": i, "dropped": True})
+            continue
+        rows.append(
+            {
+                "index": i,
+                "input_ids": example.input_ids,
+                "labels": example.labels,
+                "truncated": example.truncated,
+            }
+        )
+        shown = []
+        for tok, lab in zip(example.input_ids, example.labels):
+            text = tokenizer.decode([tok]).replace("\n", "\\n")
+            shown.append(f"[{text}]" if lab != IGNORE else text)
+        n_sup = sum(lab != IGNORE for lab in example.labels)
+        out.append(
+            f"--- {split}[{i}]: {len(example.input_ids)} tokens, {n_sup} supervised "
+            f"(in [brackets]), truncated: {'yes' if example.truncated else 'no'}"
+        )
+        out.append("|".join(shown))
+    return json.dumps(rows) if as_json else "\n".join(out)

@@ -9,8 +9,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tuneoff.runs import UsageError
 
 log = logging.getLogger(__name__)
@@ -466,50 +464,3 @@ def deployment_section(run_dir: Path) -> str | None:
         f"({s['switch_overhead_ms']:+.2f} ms); medians of {s['repeats']}."
     )
     return _table(["Metric", *arms], rows) + "\n\n" + note
-
-
-# --------------------------------------------------------------------------- inspect
-
-
-def inspect_examples(path: Path, split: str, limit: int, as_json: bool = False) -> str:
-    """Tokenize a run's split exactly as training does; [bracketed] tokens count toward the loss."""
-    from tuneoff.config import Config
-    from tuneoff.data import IGNORE, read_splits, tokenize
-    from tuneoff.model import load_tokenizer
-
-    run_dir = path if (path / "splits").is_dir() else path.parent
-    # the arm's own config, else the run's (compare), else an arm's (a run made by `train`)
-    candidates = [path / "config.yaml", run_dir / "config.yaml"]
-    candidates += sorted(run_dir.glob("*/config.yaml"))
-    cfg_path = next((c for c in candidates if c.is_file()), path / "config.yaml")
-    if not (run_dir / "splits").is_dir() or not cfg_path.is_file():
-        raise UsageError(f"{path}: not a tuneoff run or arm directory (no splits/ or config.yaml)")
-    cfg = Config(**yaml.safe_load(cfg_path.read_text()))
-    tokenizer = load_tokenizer(cfg.model)
-    records = read_splits(run_dir / "splits")[0][split][:limit]
-    out, rows = [], []
-    for i, record in enumerate(records):
-        example = tokenize(record, tokenizer, cfg)
-        if example is None:
-            out.append(f"--- {split}[{i}]: dropped (the prompt leaves no room for a response)")
-            rows.append({"index": i, "dropped": True})
-            continue
-        rows.append(
-            {
-                "index": i,
-                "input_ids": example.input_ids,
-                "labels": example.labels,
-                "truncated": example.truncated,
-            }
-        )
-        shown = []
-        for tok, lab in zip(example.input_ids, example.labels):
-            text = tokenizer.decode([tok]).replace("\n", "\\n")
-            shown.append(f"[{text}]" if lab != IGNORE else text)
-        n_sup = sum(lab != IGNORE for lab in example.labels)
-        out.append(
-            f"--- {split}[{i}]: {len(example.input_ids)} tokens, {n_sup} supervised "
-            f"(in [brackets]), truncated: {'yes' if example.truncated else 'no'}"
-        )
-        out.append("|".join(shown))
-    return json.dumps(rows) if as_json else "\n".join(out)

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from tuneoff.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,19 @@ def claim_dir(path: Path, replace: bool) -> None:
     if not (path / MARKER).is_file():
         stamp = json.dumps({"created": time.strftime("%Y-%m-%dT%H:%M:%S")})
         (path / MARKER).write_text(stamp + "\n")
+
+
+def load_run_config(path: Path) -> tuple[Path, Config]:
+    """The run directory of `path` (a run or one of its arm directories) and the config its
+    splits are tokenized with."""
+    run_dir = path if (path / "splits").is_dir() else path.parent
+    # the arm's own config, else the run's (compare), else an arm's (a run made by `train`)
+    candidates = [path / "config.yaml", run_dir / "config.yaml"]
+    candidates += sorted(run_dir.glob("*/config.yaml"))
+    cfg_path = next((c for c in candidates if c.is_file()), path / "config.yaml")
+    if not (run_dir / "splits").is_dir() or not cfg_path.is_file():
+        raise UsageError(f"{path}: not a tuneoff run or arm directory (no splits/ or config.yaml)")
+    return run_dir, Config(**yaml.safe_load(cfg_path.read_text()))
 
 
 # --------------------------------------------------------------------------- compare
