@@ -12,10 +12,12 @@ The arms' processes, their timing and MFU: `bench_worker.py`.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -343,3 +345,102 @@ def format_table(report: dict) -> str:
 
 def default_work_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="tuneoff-bench-"))
+
+
+# --------------------------------------------------------------------------- `tuneoff bench`
+
+
+def _bench_config(args: argparse.Namespace) -> Config:
+    """Tuneoff's arms: the reference's hyperparameters (the config defaults) unless
+    --preset/--config/key=value say otherwise, in bf16 where the GPU has it."""
+    from tuneoff.config import parse_overrides, resolve
+    from tuneoff.runs import UsageError
+
+    overrides = parse_overrides(args.overrides)
+    if "precision" not in overrides:
+        overrides["precision"] = "auto"  # tuneoff's arms: bf16 where the GPU has it
+    flags = {"model": args.model, "device": args.device, "batch_size": args.batch_size}
+    if args.seq_len is not None and args.seq_len < 1:
+        raise UsageError(f"--seq-len {args.seq_len}: must be >= 1")
+    seq_len = args.seq_len or (None if args.config or "max_seq_len" in overrides else 256)
+    flags.update({"grad_accum": args.grad_accum, "max_seq_len": seq_len})
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    cfg, per_arm = resolve(args.preset, args.config, overrides)
+    if per_arm:
+        raise UsageError(f"bench takes no per-arm overrides ({sorted(per_arm)})")
+    return cfg
+
+
+def prepare_bench(args: argparse.Namespace) -> tuple[BenchPlan, list[Example], str, str]:
+    """`tuneoff bench`'s options, checked (a bad one is a one-line UsageError) and resolved:
+    the plan, its examples, the device and where the examples come from. Without --work-dir
+    the work directory is a new temporary one."""
+    from tuneoff.model import choose_runtime
+    from tuneoff.runs import UsageError, check_not_a_file
+
+    cfg = _bench_config(args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods or len(set(methods)) != len(methods):
+        raise UsageError(f"--methods {args.methods}: name each arm once, at least one")
+    for spec in methods:
+        arm_config(cfg, spec)  # validates the method and the arm's own keys
+    baselines = [b.strip() for b in args.baselines.split(",") if b.strip() not in ("", "none")]
+    if set(baselines) - set(BASELINES):
+        raise UsageError(f"--baselines {args.baselines}: choose from {', '.join(BASELINES)}")
+    if args.steps < 1 or args.warmup_steps < 0 or args.repeats < 1:
+        raise UsageError("--steps and --repeats must be >= 1, --warmup-steps >= 0")
+    if args.work_dir:
+        check_not_a_file(Path(args.work_dir), "--work-dir")
+        kept = Path(args.work_dir)
+        if kept.is_dir() and any(kept.iterdir()) and not (kept / "examples.json").is_file():
+            raise UsageError(
+                f"--work-dir {kept} holds files that are not a bench's: choose an empty or new "
+                "directory"
+            )
+    device = choose_runtime(cfg).device
+    work_dir = Path(args.work_dir) if args.work_dir else default_work_dir()
+    n = (args.steps + args.warmup_steps) * cfg.batch_size * cfg.grad_accum
+    examples, source = build_examples(cfg, args.dataset, n)
+    plan = BenchPlan(cfg, methods, baselines, args.steps, args.warmup_steps, work_dir, args.repeats)
+    return plan, examples, device, source
+
+
+def headline(plan: BenchPlan, examples: list[Example], device: str, source: str) -> str:
+    """What is about to run, said before the arms start."""
+    cfg, stats = plan.cfg, length_stats(examples)
+    return (
+        f"tuneoff bench: {cfg.model} ({device}), {', '.join(plan.methods + plan.baselines)}; "
+        f"{source}: {plan.steps} steps of {cfg.batch_size} x {cfg.grad_accum} examples, mean "
+        f"{stats['mean_tokens']:.0f} tokens, max_seq_len {cfg.max_seq_len}"
+    )
+
+
+def run_and_write(
+    plan: BenchPlan,
+    examples: list[Example],
+    device: str,
+    source: str,
+    batch_size: int | None,
+    temporary: bool,
+) -> tuple[dict[str, Any], Path]:
+    """Run the bench and write `bench.json` into its work directory; of a `temporary` one only
+    bench.json is kept, and nothing of a failed bench."""
+    try:
+        report = run_bench(plan, examples, device, batch_size)
+    except BaseException:
+        if temporary:  # nothing of a failed bench is left in /tmp
+            shutil.rmtree(plan.work_dir, ignore_errors=True)
+        raise
+    if temporary:  # a temporary directory keeps only bench.json
+        shutil.rmtree(plan.work_dir)
+        plan.work_dir.mkdir()
+    stats = length_stats(examples)
+    report = {
+        "model": plan.cfg.model,
+        "device": device,
+        "data": {"source": source, **stats},
+        **report,
+    }
+    path = plan.work_dir / "bench.json"
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    return report, path

@@ -10,7 +10,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -503,69 +502,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from tuneoff import bench
-    from tuneoff.config import parse_overrides, resolve
-    from tuneoff.model import choose_runtime
 
-    overrides = parse_overrides(args.overrides)
-    if "precision" not in overrides:
-        overrides["precision"] = "auto"  # tuneoff's arms: bf16 where the GPU has it
-    flags = {"model": args.model, "device": args.device, "batch_size": args.batch_size}
-    if args.seq_len is not None and args.seq_len < 1:
-        raise UsageError(f"--seq-len {args.seq_len}: must be >= 1")
-    seq_len = args.seq_len or (None if args.config or "max_seq_len" in overrides else 256)
-    flags.update({"grad_accum": args.grad_accum, "max_seq_len": seq_len})
-    overrides.update({k: v for k, v in flags.items() if v is not None})
-    cfg, per_arm = resolve(args.preset, args.config, overrides)
-    if per_arm:
-        raise UsageError(f"bench takes no per-arm overrides ({sorted(per_arm)})")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not methods or len(set(methods)) != len(methods):
-        raise UsageError(f"--methods {args.methods}: name each arm once, at least one")
-    for spec in methods:
-        bench.arm_config(cfg, spec)  # validates the method and the arm's own keys
-    baselines = [b.strip() for b in args.baselines.split(",") if b.strip() not in ("", "none")]
-    if set(baselines) - set(bench.BASELINES):
-        raise UsageError(f"--baselines {args.baselines}: choose from {', '.join(bench.BASELINES)}")
-    if args.steps < 1 or args.warmup_steps < 0 or args.repeats < 1:
-        raise UsageError("--steps and --repeats must be >= 1, --warmup-steps >= 0")
-    if args.work_dir:
-        check_not_a_file(Path(args.work_dir), "--work-dir")
-        kept = Path(args.work_dir)
-        if kept.is_dir() and any(kept.iterdir()) and not (kept / "examples.json").is_file():
-            raise UsageError(
-                f"--work-dir {kept} holds files that are not a bench's: choose an empty or new "
-                "directory"
-            )
-    device = choose_runtime(cfg).device
-    work_dir = Path(args.work_dir) if args.work_dir else bench.default_work_dir()
-    n = (args.steps + args.warmup_steps) * cfg.batch_size * cfg.grad_accum
-    examples, source = bench.build_examples(cfg, args.dataset, n)
-    plan = bench.BenchPlan(
-        cfg, methods, baselines, args.steps, args.warmup_steps, work_dir, args.repeats
-    )
-    stats = bench.length_stats(examples)
-    print(
-        f"tuneoff bench: {cfg.model} ({device}), {', '.join(methods + baselines)}; {source}: "
-        f"{args.steps} steps of {cfg.batch_size} x {cfg.grad_accum} examples, mean "
-        f"{stats['mean_tokens']:.0f} tokens, max_seq_len {cfg.max_seq_len}",
-        file=sys.stderr,
-    )
-    try:
-        report = bench.run_bench(plan, examples, device, args.batch_size)
-    except BaseException:
-        if not args.work_dir:  # nothing of a failed bench is left in /tmp
-            shutil.rmtree(work_dir, ignore_errors=True)
-        raise
-    if not args.work_dir:  # a temporary directory keeps only bench.json
-        shutil.rmtree(work_dir)
-        work_dir.mkdir()
-    report = {"model": cfg.model, "device": device, "data": {"source": source, **stats}, **report}
-    (work_dir / "bench.json").write_text(json.dumps(report, indent=1) + "\n")
+    plan, examples, device, source = bench.prepare_bench(args)
+    print(bench.headline(plan, examples, device, source), file=sys.stderr)
+    temporary = not args.work_dir
+    report, path = bench.run_and_write(plan, examples, device, source, args.batch_size, temporary)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
         print(bench.format_table(report))
-        print(f"\nresults: {work_dir / 'bench.json'}")
+        print(f"\nresults: {path}")
     return 0 if all(r["status"] in ("ok", "skipped") for r in report["arms"]) else 1
 
 
