@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 from tuneoff.config import METHODS, TRAINING_METHODS, Config, ConfigError, preset_names
-from tuneoff.runs import UsageError, check_not_a_file, launcher_command, run_dir_of
+from tuneoff.runs import UsageError, launcher_command, run_dir_of
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -358,45 +358,18 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from tuneoff.engine import choose_device
-    from tuneoff.merge import MARKER, merge_adapter
+    from tuneoff.merge import check_merge_options, format_merge, merge_adapter
 
     out = Path(args.out)
-    check_not_a_file(out, "--out")
-    if out.exists() and any(out.iterdir()):
-        if not args.overwrite:
-            raise UsageError(f"{out} already exists: pass --overwrite or choose another --out")
-        if not (out / MARKER).is_file():
-            raise UsageError(
-                f"{out} exists and is not a tuneoff merge output; refusing to replace it: "
-                "choose another --out"
-            )
-    if args.examples < 1 or not args.tolerance > 0:
-        raise UsageError("--examples must be >= 1 and --tolerance above 0")
+    check_merge_options(out, args.overwrite, args.examples, args.tolerance)
     device = choose_device(args.device)[0]
     print(f"tuneoff merge: {args.source} -> {out} (checking on {device})", flush=True)
+    quantized = True if args.base_4bit else None  # None: as the arm's method says
+    source = Path(args.source)
     r = merge_adapter(
-        Path(args.source),
-        out,
-        args.model,
-        args.dtype,
-        args.examples,
-        args.tolerance,
-        True if args.base_4bit else None,
-        device,
+        source, out, args.model, args.dtype, args.examples, args.tolerance, quantized, device
     )
-    base = "dequantized 4-bit base" if r["quantized_base"] else "base"
-    print(
-        f"check: max |logit difference| merged vs {base} + adapter: {r['max_abs_diff']:.3g} "
-        f"(fp32, {r['examples']} examples, {r['tokens']} tokens; limit {r['tolerance']:g})"
-    )
-    if r["quantized_base"]:
-        print(f"       vs 4-bit base + adapter: {r['max_abs_diff_vs_4bit']:.3g}")
-        print(f"       vs full-precision base + adapter: {r['max_abs_diff_vs_full']:.3g}")
-    print(
-        f"read back with transformers ({r['dtype']}): max |logit difference| "
-        f"{r['max_abs_diff_reloaded']:.3g}"
-    )
-    print(f"\nmerged model ({r['dtype']}, safetensors + tokenizer): {out}")
+    print(format_merge(r, out))
     return 0
 
 

@@ -29,6 +29,7 @@ from tuneoff.engine import (
     read_adapter_config,
 )
 from tuneoff.model import ModelError, check_model, load_tokenizer, resolve_model_path
+from tuneoff.runs import UsageError, check_not_a_file
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +161,22 @@ def _free() -> None:
 # --------------------------------------------------------------------------- merge
 
 
+def check_merge_options(out: Path, overwrite: bool, examples: int, tolerance: float) -> None:
+    """`tuneoff merge`'s options, before any model is loaded: `out` may replace only an earlier
+    merge output, and only with --overwrite. A bad option is a one-line UsageError."""
+    check_not_a_file(out, "--out")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UsageError(f"{out} already exists: pass --overwrite or choose another --out")
+        if not (out / MARKER).is_file():
+            raise UsageError(
+                f"{out} exists and is not a tuneoff merge output; refusing to replace it: "
+                "choose another --out"
+            )
+    if examples < 1 or not tolerance > 0:
+        raise UsageError("--examples must be >= 1 and --tolerance above 0")
+
+
 def merge_adapter(
     source: Path,
     out: Path,
@@ -224,6 +241,24 @@ def merge_adapter(
         shutil.rmtree(out)
     partial.rename(out)
     return report
+
+
+def format_merge(r: dict[str, Any], out: Path) -> str:
+    """What `tuneoff merge` prints of `merge_adapter`'s report once the merge is written."""
+    base = "dequantized 4-bit base" if r["quantized_base"] else "base"
+    lines = [
+        f"check: max |logit difference| merged vs {base} + adapter: {r['max_abs_diff']:.3g} "
+        f"(fp32, {r['examples']} examples, {r['tokens']} tokens; limit {r['tolerance']:g})"
+    ]
+    if r["quantized_base"]:
+        lines.append(f"       vs 4-bit base + adapter: {r['max_abs_diff_vs_4bit']:.3g}")
+        lines.append(f"       vs full-precision base + adapter: {r['max_abs_diff_vs_full']:.3g}")
+    lines.append(
+        f"read back with transformers ({r['dtype']}): max |logit difference| "
+        f"{r['max_abs_diff_reloaded']:.3g}"
+    )
+    lines.append(f"\nmerged model ({r['dtype']}, safetensors + tokenizer): {out}")
+    return "\n".join(lines)
 
 
 def _references(base: str, adapter_dir: Path, inputs: list, device: str, source: Any) -> dict:
