@@ -373,55 +373,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _adapter_args(items: list[str]) -> dict[str, Path]:
-    from tuneoff.engine import check_adapter_name, find_adapter_dir
-
-    adapters: dict[str, Path] = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not path:
-            raise UsageError(f"--adapter {item!r}: expected NAME=PATH, e.g. sql=runs/b/lora")
-        if name in adapters:
-            raise UsageError(f"--adapter {name!r} given twice: choose distinct names")
-        adapters[check_adapter_name(name)] = find_adapter_dir(Path(path))
-    return adapters
-
-
-def arm_model(model: str | None) -> str | None:
-    """--model may name a full arm's directory (runs/x/full), as --adapter names a lora arm's."""
-    if model and not Path(model, "config.json").is_file() and Path(model, "model").is_dir():
-        return str(Path(model, "model"))
-    return model
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
-    from tuneoff.engine import Engine, Sampling, base_model_of, find_adapter_dir
+    from tuneoff.engine import Engine, generation_model, generation_prompt_ids, generation_sampling
 
-    adapters = {"adapter": find_adapter_dir(Path(args.adapter))} if args.adapter else {}
-    model = arm_model(args.model) or (base_model_of(adapters["adapter"]) if adapters else None)
-    if not model:
-        raise UsageError("pass --model (the base model), --adapter, or both")
+    model, adapters = generation_model(args.model, args.adapter)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise UsageError("need --max-new-tokens >= 1, --temperature >= 0, 0 < --top-p <= 1")
-    if args.top_k < 0:
-        raise UsageError(f"--top-k {args.top_k}: must be >= 0 (0: no top-k cut)")
-    engine = Engine(model, adapters, device=args.device, dtype=args.dtype)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    messages.append({"role": "user", "content": prompt})
-    ids = engine.text_ids(prompt) if args.raw else engine.chat_prompt_ids(messages)
-    if len(ids) >= engine.context:  # as serve refuses it (prompt_too_long)
-        raise UsageError(
-            f"the prompt has {len(ids)} tokens, at or over the model's context of "
-            f"{engine.context}: shorten it"
-        )
-    sampling = Sampling(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
+    sampling = generation_sampling(
+        args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed
     )
+    engine = Engine(model, adapters, device=args.device, dtype=args.dtype)
+    ids = generation_prompt_ids(engine, prompt, args.system, args.raw)
     name = "adapter" if adapters else engine.base_name
     try:
         if args.no_stream:
@@ -440,36 +401,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn  # noqa: F401
 
-        from tuneoff.serve import Limits, serve
+        from tuneoff import serve
     except ModuleNotFoundError as err:
         if err.name not in ("fastapi", "uvicorn", "starlette", "pydantic"):
             raise
         raise UsageError(f"tuneoff serve needs {err.name}: pip install 'tuneoff[serve]'") from None
-    from tuneoff.engine import Engine, base_model_of, scan_adapters_dir
+    from tuneoff.engine import Engine
 
-    adapters = _adapter_args(args.adapter)
-    root = Path(args.adapters_dir) if args.adapters_dir else None
-    for name, path in (scan_adapters_dir(root) if root else {}).items():
-        if name in adapters:
-            raise UsageError(f"adapter {name!r} is both in --adapter and in {root}: rename one")
-        adapters[name] = path
-    model = arm_model(args.model) or (
-        base_model_of(next(iter(adapters.values()))) if adapters else None
+    model, adapters, root = serve.served_models(args.model, args.adapter, args.adapters_dir)
+    limits = serve.server_limits(
+        args.max_tokens_cap, args.max_prompt_tokens, args.max_body_bytes, args.port
     )
-    if not model:
-        raise UsageError("pass --model (the base model), or adapters to take it from")
-    prompt_cap = 1 if args.max_prompt_tokens is None else args.max_prompt_tokens  # 0 is an error
-    if min(args.max_tokens_cap, args.max_body_bytes, prompt_cap) < 1:
-        raise UsageError("--max-tokens-cap, --max-prompt-tokens, --max-body-bytes must be >= 1")
-    if not 0 <= args.port <= 65535:
-        raise UsageError(f"--port {args.port}: must be 0 to 65535 (0: any free port)")
     admin_key = os.environ.get("TUNEOFF_ADMIN_KEY") or None
     engine = Engine(model, adapters, args.device, args.dtype, base_name=args.base_name)
-    limits = Limits(args.max_tokens_cap, args.max_prompt_tokens, args.max_body_bytes)
-    print(f"tuneoff serve: models {', '.join(engine.names())} ({engine.device})")
-    admin = "on (TUNEOFF_ADMIN_KEY)" if admin_key else "off (set TUNEOFF_ADMIN_KEY to enable)"
-    print(f"OpenAI-compatible API at http://{args.host}:{args.port}/v1; admin endpoints {admin}")
-    serve(engine, args.host, args.port, limits, admin_key, root)
+    print(serve.banner(engine, args.host, args.port, admin_key))
+    serve.serve(engine, args.host, args.port, limits, admin_key, root)
     return 0
 
 

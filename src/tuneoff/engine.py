@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from tuneoff.model import ModelError, check_model, load_tokenizer, resolve_model_path
+from tuneoff.runs import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,13 @@ def base_model_of(adapter_dir: Path) -> str:
     if not name:
         raise ModelError(f"adapter {adapter_dir}: base model unknown; pass --model")
     return name
+
+
+def arm_model(model: str | None) -> str | None:
+    """--model may name a full arm's directory (runs/x/full), as --adapter names a lora arm's."""
+    if model and not Path(model, "config.json").is_file() and Path(model, "model").is_dir():
+        return str(Path(model, "model"))
+    return model
 
 
 def adapter_in_dir(root: Path, relative: str) -> Path:
@@ -382,3 +390,45 @@ class Engine:
                     if turn[-1] in self.stop_ids:
                         left = 0
             yield from turn
+
+
+# --------------------------------------------------------------------------- `tuneoff generate`
+
+
+def generation_model(model: str | None, adapter: str | None) -> tuple[str, dict[str, Path]]:
+    """The base model of `tuneoff generate` (--model, else the adapter's base) and its adapter,
+    named "adapter"."""
+    adapters = {"adapter": find_adapter_dir(Path(adapter))} if adapter else {}
+    model = arm_model(model) or (base_model_of(adapters["adapter"]) if adapters else None)
+    if not model:
+        raise UsageError("pass --model (the base model), --adapter, or both")
+    return model, adapters
+
+
+def generation_sampling(
+    max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None
+) -> Sampling:
+    if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
+        raise UsageError("need --max-new-tokens >= 1, --temperature >= 0, 0 < --top-p <= 1")
+    if top_k < 0:
+        raise UsageError(f"--top-k {top_k}: must be >= 0 (0: no top-k cut)")
+    return Sampling(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+    )
+
+
+def generation_prompt_ids(engine: Engine, prompt: str, system: str | None, raw: bool) -> list[int]:
+    """The prompt as is (`raw`) or in the chat template after an optional system message."""
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": prompt})
+    ids = engine.text_ids(prompt) if raw else engine.chat_prompt_ids(messages)
+    if len(ids) >= engine.context:  # as serve refuses it (prompt_too_long)
+        raise UsageError(
+            f"the prompt has {len(ids)} tokens, at or over the model's context of "
+            f"{engine.context}: shorten it"
+        )
+    return ids

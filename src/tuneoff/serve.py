@@ -25,8 +25,20 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tuneoff.engine import Delta, Engine, Sampling, UnknownModel, adapter_in_dir, check_adapter_name
+from tuneoff.engine import (
+    Delta,
+    Engine,
+    Sampling,
+    UnknownModel,
+    adapter_in_dir,
+    arm_model,
+    base_model_of,
+    check_adapter_name,
+    find_adapter_dir,
+    scan_adapters_dir,
+)
 from tuneoff.model import ModelError
+from tuneoff.runs import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -383,3 +395,55 @@ def serve(
         log.warning("listening on %s: reachable from other machines; inference has no auth", host)
     app = create_app(engine, limits, admin_key, adapters_dir)
     uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+# --------------------------------------------------------------------------- `tuneoff serve`
+
+
+def _adapter_args(items: list[str]) -> dict[str, Path]:
+    adapters: dict[str, Path] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not path:
+            raise UsageError(f"--adapter {item!r}: expected NAME=PATH, e.g. sql=runs/b/lora")
+        if name in adapters:
+            raise UsageError(f"--adapter {name!r} given twice: choose distinct names")
+        adapters[check_adapter_name(name)] = find_adapter_dir(Path(path))
+    return adapters
+
+
+def served_models(
+    model: str | None, adapter_items: list[str], adapters_dir: str | None
+) -> tuple[str, dict[str, Path], Path | None]:
+    """The base model, the adapters by name (--adapter NAME=PATH, then every adapter in
+    --adapters-dir) and the adapters directory of `tuneoff serve`."""
+    adapters = _adapter_args(adapter_items)
+    root = Path(adapters_dir) if adapters_dir else None
+    for name, path in (scan_adapters_dir(root) if root else {}).items():
+        if name in adapters:
+            raise UsageError(f"adapter {name!r} is both in --adapter and in {root}: rename one")
+        adapters[name] = path
+    model = arm_model(model) or (base_model_of(next(iter(adapters.values()))) if adapters else None)
+    if not model:
+        raise UsageError("pass --model (the base model), or adapters to take it from")
+    return model, adapters, root
+
+
+def server_limits(
+    max_tokens_cap: int, max_prompt_tokens: int | None, max_body_bytes: int, port: int
+) -> Limits:
+    prompt_cap = 1 if max_prompt_tokens is None else max_prompt_tokens  # 0 is an error
+    if min(max_tokens_cap, max_body_bytes, prompt_cap) < 1:
+        raise UsageError("--max-tokens-cap, --max-prompt-tokens, --max-body-bytes must be >= 1")
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port {port}: must be 0 to 65535 (0: any free port)")
+    return Limits(max_tokens_cap, max_prompt_tokens, max_body_bytes)
+
+
+def banner(engine: Engine, host: str, port: int, admin_key: str | None) -> str:
+    """What `tuneoff serve` says before it starts listening."""
+    admin = "on (TUNEOFF_ADMIN_KEY)" if admin_key else "off (set TUNEOFF_ADMIN_KEY to enable)"
+    return (
+        f"tuneoff serve: models {', '.join(engine.names())} ({engine.device})\n"
+        f"OpenAI-compatible API at http://{host}:{port}/v1; admin endpoints {admin}"
+    )
