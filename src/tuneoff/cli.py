@@ -435,22 +435,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    import torch
-
-    from tuneoff.config import parse_overrides, parse_size, resolve
     from tuneoff.measure import measure_arms
     from tuneoff.model import load_arch_config
-    from tuneoff.plan import format_plan, plan_arms
+    from tuneoff.plan import format_plan, gpu_memory_limit, plan_arms, plan_config
 
-    overrides = parse_overrides(args.overrides)
-    if args.model:
-        overrides["model"] = args.model
-    if args.methods is not None:  # "" is an error, not the default arms
-        overrides["methods"] = args.methods
-    cfg, _ = resolve(args.preset or (None if args.config else "seed"), args.config, overrides)
-    limit = parse_size(args.gpu_memory, "--gpu-memory") if args.gpu_memory else None
-    if limit is None and torch.cuda.is_available():
-        limit = torch.cuda.get_device_properties(0).total_memory
+    cfg = plan_config(args.preset, args.config, args.overrides, args.model, args.methods)
+    limit = gpu_memory_limit(args.gpu_memory)
     arch = load_arch_config(cfg.model)
     result = plan_arms(cfg, cfg.methods, limit, arch)
     if args.measure:

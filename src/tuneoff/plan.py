@@ -319,6 +319,36 @@ def _yaml(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def plan_config(
+    preset: str | None,
+    config: str | None,
+    overrides: list[str],
+    model: str | None,
+    methods: str | None,
+) -> Config:
+    """`tuneoff plan`'s config: without --preset or --config, the seed preset (the reference's
+    model and recipe, fp16 autocast)."""
+    from tuneoff.config import parse_overrides, resolve
+
+    values = parse_overrides(overrides)
+    if model:
+        values["model"] = model
+    if methods is not None:  # "" is an error, not the default arms
+        values["methods"] = methods
+    cfg, _ = resolve(preset or (None if config else "seed"), config, values)
+    return cfg
+
+
+def gpu_memory_limit(gpu_memory: str | None) -> int | None:
+    """--gpu-memory in bytes; without it, this GPU's memory (None on a machine without one)."""
+    from tuneoff.config import parse_size
+
+    limit = parse_size(gpu_memory, "--gpu-memory") if gpu_memory else None
+    if limit is None and torch.cuda.is_available():
+        limit = torch.cuda.get_device_properties(0).total_memory
+    return limit
+
+
 def plan_arms(
     cfg: Config, methods: list[str], limit: int | None, arch_config: Any | None = None
 ) -> dict[str, Any]:
