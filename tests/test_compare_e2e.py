@@ -155,8 +155,8 @@ def test_confound_list_flags_any_difference_but_method():
 
 def test_the_saved_config_reruns_as_a_new_run_under_another_name(run_dir):
     """config.yaml keeps no output_dir: `compare --config it --name again` is a new run."""
-    from tuneoff.cli import build_parser, resolve_args
-    from tuneoff.runs import run_dir_of
+    from tuneoff.cli import build_parser
+    from tuneoff.runs import resolve_args, run_dir_of
 
     assert "output_dir: null" in (run_dir / "config.yaml").read_text()
     args = build_parser().parse_args(

@@ -11,12 +11,11 @@ import json
 import logging
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 
-from tuneoff.config import METHODS, TRAINING_METHODS, Config, ConfigError, preset_names
-from tuneoff.runs import UsageError, launcher_command, run_dir_of
+from tuneoff.config import METHODS, TRAINING_METHODS, ConfigError, preset_names
+from tuneoff.runs import UsageError, launcher_command, resolve_args, run_dir_of
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -266,38 +265,6 @@ def _add_device_options(p: argparse.ArgumentParser) -> None:
         choices=["auto", "fp32", "bf16", "fp16"],
         help="weights dtype (auto: fp32 on CPU, bf16 on CUDA)",
     )
-
-
-# --------------------------------------------------------------------------- config from args
-
-
-def resolve_args(args: argparse.Namespace) -> tuple[Config, dict, str]:
-    from tuneoff.config import parse_overrides, resolve
-
-    if getattr(args, "resume", False) and getattr(args, "overwrite", False):
-        raise UsageError("--resume continues a run, --overwrite replaces it: pass one of them")
-    overrides = parse_overrides(args.overrides)
-    keys = ("model", "dataset", "name", "output_dir", "max_steps", "limit", "method")
-    for key in (*keys, "memory_budget"):
-        value = getattr(args, key, None)
-        if value is not None:
-            overrides[key] = value
-    if getattr(args, "methods", None) is not None:  # "" is an error, not the default arms
-        overrides["methods"] = args.methods
-    preset = args.preset or (None if args.config else "tiny")
-    cfg, per_arm = resolve(preset, args.config, overrides)
-    arms = {cfg.method} if args.command == "train" else {"base", *cfg.methods}
-    unknown_arms = set(per_arm) - arms
-    if unknown_arms:
-        raise ConfigError(
-            f"per-arm override for {sorted(unknown_arms)}, which is not an arm here "
-            f"({', '.join(sorted(arms))})"
-        )
-    if cfg.name is None:
-        cfg = cfg.replace(
-            name=f"{preset or Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        )
-    return cfg, per_arm, preset or "custom"
 
 
 # --------------------------------------------------------------------------- commands

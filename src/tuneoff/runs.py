@@ -6,6 +6,7 @@ OOM, a crash) becomes a row of the report instead of the end of the comparison.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from tuneoff.config import Config, ConfigError
+from tuneoff.config import Config, ConfigError, parse_overrides, resolve
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,38 @@ def load_run_config(path: Path) -> tuple[Path, Config]:
     if not (run_dir / "splits").is_dir() or not cfg_path.is_file():
         raise UsageError(f"{path}: not a tuneoff run or arm directory (no splits/ or config.yaml)")
     return run_dir, Config(**yaml.safe_load(cfg_path.read_text()))
+
+
+# --------------------------------------------------------------------------- config from args
+
+
+def resolve_args(args: argparse.Namespace) -> tuple[Config, dict, str]:
+    """The config of `tuneoff compare` or `train` from its options, the per-arm overrides
+    (`full.lr=2e-5`) and the preset's name ("custom" for a --config alone)."""
+    if getattr(args, "resume", False) and getattr(args, "overwrite", False):
+        raise UsageError("--resume continues a run, --overwrite replaces it: pass one of them")
+    overrides = parse_overrides(args.overrides)
+    keys = ("model", "dataset", "name", "output_dir", "max_steps", "limit", "method")
+    for key in (*keys, "memory_budget"):
+        value = getattr(args, key, None)
+        if value is not None:
+            overrides[key] = value
+    if getattr(args, "methods", None) is not None:  # "" is an error, not the default arms
+        overrides["methods"] = args.methods
+    preset = args.preset or (None if args.config else "tiny")
+    cfg, per_arm = resolve(preset, args.config, overrides)
+    arms = {cfg.method} if args.command == "train" else {"base", *cfg.methods}
+    unknown_arms = set(per_arm) - arms
+    if unknown_arms:
+        raise ConfigError(
+            f"per-arm override for {sorted(unknown_arms)}, which is not an arm here "
+            f"({', '.join(sorted(arms))})"
+        )
+    if cfg.name is None:
+        cfg = cfg.replace(
+            name=f"{preset or Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        )
+    return cfg, per_arm, preset or "custom"
 
 
 # --------------------------------------------------------------------------- compare
