@@ -1,5 +1,6 @@
-"""`tuneoff report` on damaged run files (one-line errors, a truncated last metrics line skipped)
-and the confound list leaving out bookkeeping keys; built from hand-written summaries."""
+"""`tuneoff report` on damaged run files (one-line errors, a truncated last metrics line skipped),
+the confound list leaving out bookkeeping keys, and the processes row; from hand-written
+summaries."""
 
 from __future__ import annotations
 
@@ -66,3 +67,13 @@ def test_name_methods_and_output_dir_are_not_confounds():
     full = arm("full", name="tiny-2025", methods=["lora", "full"], output_dir="runs/flow", lr=2e-5)
     rows = {key: expected for key, _, expected in confounds({"lora": lora, "full": full})}
     assert rows == {"config.method": True, "config.lr": False}
+
+
+def test_the_report_says_how_many_processes_trained_each_arm_only_when_several_did():
+    from tuneoff.report import resources_rows
+
+    one = {"lora": arm("lora"), "full": arm("full")}
+    assert not any(r[0] == "Processes" for r in resources_rows(one))
+    several = {**one, "full": {**arm("full"), "runtime": {"world_size": 2, "distributed": "fsdp2"}}}
+    rows = {r[0]: r[1:] for r in resources_rows(several)}
+    assert rows["Processes"] == ["1", "2 (fsdp2; memory is one process's)"]

@@ -173,8 +173,15 @@ def resources_rows(summaries: dict[str, dict]) -> list[list[str]]:
             f"{_num(t.get('train_supervised_tokens_per_s'))} ({_num(t.get('train_tokens_per_s'))})"
         )
 
+    def processes(s: dict) -> str:
+        runtime = s.get("runtime") or {}
+        n = runtime.get("world_size", 1)
+        return f"{n} ({runtime.get('distributed', '?')}; memory is one process's)" if n > 1 else "1"
+
+    several = any((s.get("runtime") or {}).get("world_size", 1) > 1 for s in arms)
     return [
         row("Status", _status),
+        *([row("Processes", processes)] if several else []),
         row("Peak memory", _memory),
         row("Predicted peak (planner)", _predicted),
         row("Time per epoch", _epoch_time),
