@@ -102,6 +102,7 @@ def test_two_processes_equal_one_process_accumulating_their_micro_batches(
     assert s_ddp["training"]["optimizer_steps"] == s_one["training"]["optimizer_steps"] == 6
     ddp_train, one_train = s_ddp["training"], s_one["training"]
     assert ddp_train["train_supervised_tokens"] == one_train["train_supervised_tokens"]
+    assert ddp_train["examples_per_step"] == one_train["examples_per_step"]  # 2 x 1 = 1 x 2
     assert s_ddp["metrics"]["val"]["loss"] == pytest.approx(s_one["metrics"]["val"]["loss"],
                                                             rel=1e-5)  # fmt: skip
     # Each process evaluated its share of the batches; the sums over both are the whole split's.

@@ -427,7 +427,9 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [a for a in unknown if a not in late]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    # Under a launcher every process runs this: the others say only what goes wrong.
+    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     # bitsandbytes (imported by peft) warns on CPUs with bf16 about a kernel tuneoff never uses.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     # Offline, the hub client logs every retry of every request (twice); tuneoff says it once.

@@ -208,7 +208,8 @@ def _pct(value: float | None) -> str:
 def _steps(t: dict) -> str:
     if not t:
         return "–"
-    return f"{t['optimizer_steps']:,} ({t['epochs_completed']:.2f})"
+    per_step = f", {t['examples_per_step']:,} examples each" if "examples_per_step" in t else ""
+    return f"{t['optimizer_steps']:,} ({t['epochs_completed']:.2f}){per_step}"
 
 
 def results_rows(summaries: dict[str, dict], split: str) -> list[list[str]]:

@@ -244,6 +244,10 @@ def train(
     device = accelerator.device.type
     rank, world = accelerator.process_index, accelerator.num_processes
     per_epoch, total_steps = plan_steps(len(data["train"]), cfg, world)
+    step_examples = cfg.batch_size * cfg.grad_accum * world  # the protocol's batch: say it
+    log.info("%d optimizer steps (%d per epoch) of %d examples: %d a micro-batch x %d "
+             "accumulated x %d processes", total_steps, per_epoch, step_examples, cfg.batch_size,
+             cfg.grad_accum, world)  # fmt: skip
     optimizer = make_optimizer(model, cfg, device)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     configure_deepspeed(accelerator, cfg)
@@ -337,7 +341,11 @@ def train(
             _maybe_interrupt(state.epoch)
     bar.close()
     totals = _global_counts(state, accelerator)
-    return {**_training_summary(totals, total_steps, per_epoch), "batching": cfg.batching}
+    return {
+        **_training_summary(totals, total_steps, per_epoch),
+        "examples_per_step": step_examples,
+        "batching": cfg.batching,
+    }
 
 
 def _global_counts(state: TrainState, accelerator: Any) -> TrainState:
