@@ -171,7 +171,7 @@ def test_fsdp2_lora_resumes_from_its_gathered_checkpoint_as_one_uninterrupted_pr
 
 
 @needs_deepspeed
-def test_deepspeed_zero_1_and_2_equal_one_process_and_save_the_fp32_masters(
+def test_deepspeed_zero_1_2_and_3_equal_one_process_and_save_whole_weights(
     tmp_path, accumulating, accumulating_32
 ):
     zero2 = torchrun("train", "--output-dir", str(tmp_path / "z2"), *ARGS, "grad_accum=1", zero=2)
@@ -193,6 +193,19 @@ def test_deepspeed_zero_1_and_2_equal_one_process_and_save_the_fp32_masters(
     assert saved.keys() == whole.keys()
     for name, weight in whole.items():
         torch.testing.assert_close(saved[name], weight, rtol=0, atol=1e-5)
+    # ZeRO-3 partitions the weights too (the model loads partitioned): gathered to save.
+    zero3 = torchrun("train", "--output-dir", str(tmp_path / "z3"), *ARGS, "grad_accum=1", zero=3)
+    assert zero3.returncode == 0, zero3.stderr[-2000:]
+    s_z3 = summary(tmp_path / "z3")
+    assert s_z3["runtime"]["distributed"] == "deepspeed-zero3"
+    assert s_z3["params"] == s_one["params"]  # counted whole, not the partitions
+    assert s_z3["config"]["loss_chunk_size"] == 0  # the chunked loss reads the head directly
+    assert s_z3["metrics"]["val"]["loss"] == pytest.approx(s_one["metrics"]["val"]["loss"],
+                                                           rel=1e-5)  # fmt: skip
+    saved = load_file(tmp_path / "z3" / "full" / "model" / "model.safetensors")
+    assert saved.keys() == whole.keys()
+    for name, weight in whole.items():
+        torch.testing.assert_close(saved[name], weight, rtol=0, atol=1e-5)
     # ZeRO-2 reduces gradients in every backward: unequal micro-batch counts are topped up.
     cut = torchrun("train", "--output-dir", str(tmp_path / "cut"), *ARGS, "grad_accum=1",
                    "batch_size=32", "micro_batch_tokens=256", zero=1)  # fmt: skip
@@ -203,15 +216,18 @@ def test_deepspeed_zero_1_and_2_equal_one_process_and_save_the_fp32_masters(
 
 
 @needs_deepspeed
-def test_deepspeed_bf16_lora_resumes_as_it_would_have_run(tmp_path):
+@pytest.mark.parametrize("zero", [2, 3])
+def test_deepspeed_bf16_lora_resumes_as_it_would_have_run(tmp_path, zero):
     """Under bf16 DeepSpeed computes with bf16 copies of every weight: the adapter saved is
-    ZeRO's fp32 masters, and a resumed run equals an uninterrupted one (its random states too)."""
+    ZeRO's fp32 masters, and a resumed run equals an uninterrupted one (its random states too).
+    Under ZeRO-3 the adapter trains through PEFT's forward (the fused one would read a
+    partitioned base weight)."""
     args = ["--method", "lora", "--limit", "160", "epochs=2", "gen_examples=0",
             "eval_batch_size=32", "lora_dropout=0.3", "lr=1e-2", "precision=bf16"]  # fmt: skip
-    straight = torchrun("train", "--output-dir", str(tmp_path / "straight"), *args, zero=2)
+    straight = torchrun("train", "--output-dir", str(tmp_path / "straight"), *args, zero=zero)
     assert straight.returncode == 0, straight.stderr[-2000:]
     out = str(tmp_path / "cut")
-    cut = torchrun("train", "--output-dir", out, *args, zero=2,
+    cut = torchrun("train", "--output-dir", out, *args, zero=zero,
                    TUNEOFF_TEST_INTERRUPT_AFTER_EPOCH="1")  # fmt: skip
     assert cut.returncode != 0 and "--resume" in cut.stderr
     assert (tmp_path / "cut" / "lora" / "checkpoint" / "deepspeed").is_dir()
@@ -219,7 +235,7 @@ def test_deepspeed_bf16_lora_resumes_as_it_would_have_run(tmp_path):
     error = alone.stderr.strip().splitlines()[-1]
     assert alone.returncode == 2 and error.startswith("tuneoff: error: checkpoint")
     assert "under DeepSpeed on 2" in error
-    resumed = torchrun("train", "--output-dir", out, *args, "--resume", zero=2)
+    resumed = torchrun("train", "--output-dir", out, *args, "--resume", zero=zero)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     adapter = "lora/adapter/adapter_model.safetensors"
     a, b = load_file(tmp_path / "cut" / adapter), load_file(tmp_path / "straight" / adapter)
@@ -250,7 +266,7 @@ def test_compare_runs_every_arm_under_its_launcher(tmp_path):
     # Under FSDP2 and DeepSpeed too, the base arm is evaluated unwrapped.
     launches = [{"fsdp": True}]
     if importlib.util.find_spec("deepspeed") is not None:
-        launches.append({"zero": 2})
+        launches.append({"zero": 3})  # the model loads partitioned: DeepSpeed's engine gathers
     for launch in launches:
         base = tmp_path / str(launch)
         done = torchrun("train", "--method", "base", "--output-dir", str(base), *args, **launch)
@@ -299,7 +315,9 @@ def test_launches_not_supported_are_refused_before_anything_is_written(tmp_path)
     ]
     if importlib.util.find_spec("deepspeed") is not None:
         refused += [
-            ({**deepspeed, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, [], "--use_fsdp"),
+            ({**deepspeed, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "0"}, [], "--zero_stage 1, 2 or 3"),
+            ({**deepspeed, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, ["--method", "qlora"],
+             "--zero_stage 2"),
             ({**deepspeed, "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}, [],
              "without offload"),
             (deepspeed, ["optimizer=adamw_lean"], "use optimizer=adamw"),

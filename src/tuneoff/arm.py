@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from tuneoff import measure
-from tuneoff.checkpoint import gather_weights, is_deepspeed, share_like_other_files
+from tuneoff.checkpoint import gather_weights, is_deepspeed, share_like_other_files, zero_stage
 from tuneoff.config import Config, write_yaml
 from tuneoff.data import DataError, read_splits, tokenize_split
 from tuneoff.evaluate import evaluate_generation, evaluate_splits
@@ -26,7 +26,7 @@ from tuneoff.model import (
     load_tokenizer,
     prepare_model,
 )
-from tuneoff.train import is_fsdp, loader_workers, micro_batch_tokens, train
+from tuneoff.train import configure_deepspeed, is_fsdp, loader_workers, micro_batch_tokens, train
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,10 @@ def run_arm(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     runtime = choose_runtime(cfg, micro_batch_tokens(data["train"], cfg))
     log.info("device %s, precision %s (%s)", runtime.device, runtime.precision, runtime.reason)
     accelerator = Accelerator(cpu=runtime.device == "cpu", mixed_precision=runtime.mixed_precision)
+    if zero_stage(accelerator) == 3 and cfg.loss_chunk_size:
+        log.warning("ZeRO-3 partitions the lm head, which the chunked loss reads outside its "
+                    "module: loss_chunk_size=0 (full-vocabulary logits)")  # fmt: skip
+        cfg = cfg.replace(loss_chunk_size=0)
     sharded = "FSDP" if is_fsdp(accelerator) else "DeepSpeed" if is_deepspeed(accelerator) else ""
     budget = apply_memory_budget(cfg, runtime)
     arm_dir = run_dir / cfg.method
@@ -77,9 +81,7 @@ def run_arm(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
             )
             summary["memory"] = measure.measure_memory(runtime.device)  # the training peak
         else:
-            # Evaluation only: no DDP, FSDP or DeepSpeed wrapper (each refuses a model with
-            # nothing to train); every process holds the whole model.
-            model = accelerator.prepare_model(model, evaluation_mode=True)
+            model = _prepare_for_evaluation(model, accelerator, cfg)
         pad_id = tokenizer.pad_token_id
         summary["metrics"] = evaluate_splits(model, data, cfg, runtime.device, pad_id)
         test = splits["test"]
@@ -170,6 +172,16 @@ def _summary_head(cfg, runtime: Runtime, model, counts, manifest, accelerator) -
     }
 
 
+def _prepare_for_evaluation(model, accelerator, cfg: Config):
+    """The base arm: no DDP or FSDP wrapper (each refuses a model with nothing to train), so
+    every process holds the whole model; under ZeRO-3, which loaded it partitioned, DeepSpeed's
+    engine (without an optimizer) gathers each layer's weights for its forward."""
+    if zero_stage(accelerator) != 3:
+        return accelerator.prepare_model(model, evaluation_mode=True)
+    configure_deepspeed(accelerator, cfg)
+    return accelerator.prepare(model)
+
+
 def _distributed(accelerator) -> str:
     """How the processes share the work: none, ddp, fsdp2 or deepspeed-zero1/2."""
     if accelerator.num_processes == 1 and not is_deepspeed(accelerator):
@@ -177,7 +189,7 @@ def _distributed(accelerator) -> str:
     if is_fsdp(accelerator):
         return "fsdp2"
     if is_deepspeed(accelerator):
-        return f"deepspeed-zero{accelerator.state.deepspeed_plugin.zero_stage}"
+        return f"deepspeed-zero{zero_stage(accelerator)}"
     return "ddp"
 
 

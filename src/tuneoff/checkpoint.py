@@ -168,7 +168,7 @@ def gather_weights(model, trainable_only: bool) -> dict[str, torch.Tensor] | Non
     it; the others get an empty dict). None where weights are not sharded: save as they are."""
     from torch.distributed.tensor import DTensor
 
-    if any(hasattr(p, "_hp_mapping") for p in model.parameters()):  # DeepSpeed ZeRO's
+    if any(hasattr(p, "_hp_mapping") or hasattr(p, "ds_id") for p in model.parameters()):
         return _deepspeed_weights(model, trainable_only)
     if not any(isinstance(p, DTensor) for p in model.parameters()):  # FSDP2 shards into DTensors
         return None
@@ -186,8 +186,9 @@ def gather_weights(model, trainable_only: bool) -> dict[str, torch.Tensor] | Non
 
 
 def _deepspeed_weights(model, trainable_only: bool) -> dict[str, torch.Tensor]:
-    """ZeRO's fp32 master weights, not the bf16/fp16 copies the model computes with (every
-    process calls it: each holds part of the masters)."""
+    """DeepSpeed ZeRO's fp32 master weights, not the bf16/fp16 copies the model computes with
+    (every process calls it: each holds part of the masters; under ZeRO-3, of the weights)."""
+    from deepspeed.runtime.zero import GatheredParameters
     from deepspeed.utils import safe_get_full_fp32_param
 
     module = getattr(model, "module", model)
@@ -196,13 +197,19 @@ def _deepspeed_weights(model, trainable_only: bool) -> dict[str, torch.Tensor]:
         if p.requires_grad:
             weights[name] = safe_get_full_fp32_param(p).cpu()
         elif not trainable_only:
-            weights[name] = p.detach().cpu()
+            with GatheredParameters([p]):  # no-op unless ZeRO-3 partitioned it
+                weights[name] = p.detach().cpu().clone()
     return weights
 
 
 def is_deepspeed(accelerator) -> bool:
-    """Launched with DeepSpeed (ZeRO stage 1 or 2: others are refused by `runs.check_launch`)."""
+    """Launched with DeepSpeed (ZeRO stage 1, 2 or 3: others are refused by `runs.check_launch`)."""
     return getattr(accelerator.state, "deepspeed_plugin", None) is not None
+
+
+def zero_stage(accelerator) -> int:
+    """DeepSpeed's ZeRO stage; 0 when not under DeepSpeed."""
+    return accelerator.state.deepspeed_plugin.zero_stage if is_deepspeed(accelerator) else 0
 
 
 def share_like_other_files(directory: Path) -> None:

@@ -194,9 +194,10 @@ def evaluate_generation(model, tokenizer, records, cfg: Any, device: str, arm_di
     if not records:
         return {"examples": 0}
     rank, world = processes()
-    # FSDP's forwards are collectives, and answers end at different steps: there every process
-    # answers every prompt. Elsewhere each answers its share.
-    share = world > 1 and not any(isinstance(p, DTensor) for p in model.parameters())
+    # FSDP's and ZeRO-3's forwards are collectives, and answers end at different steps: there
+    # every process answers every prompt. Elsewhere each answers its share.
+    sharded = any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in model.parameters())
+    share = world > 1 and not sharded
     mine = records[rank::world] if share else records
     answers, timing = generate_answers(
         model, tokenizer, mine, device, cfg.gen_max_new_tokens, cfg.gen_batch_size

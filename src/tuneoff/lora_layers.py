@@ -79,7 +79,8 @@ def _lora_linear_forward(self: torch.nn.Module, x: torch.Tensor, *args: Any, **k
 
 def _plain_adapter(self: torch.nn.Module, x: torch.Tensor) -> tuple | None:
     """(adapter, base, lora_A, lora_B, compute dtype) when training one active plain adapter
-    (lean lora_A, no biases, no variant such as DoRA) on a frozen `nn.Linear`, eagerly, with
+    (lean lora_A, no biases, no variant such as DoRA) on a frozen `nn.Linear` whose weight is
+    whole (not partitioned by DeepSpeed ZeRO-3), eagerly, with
     the base and the adapter computing in one dtype (autocast's, or a common weight dtype);
     else None. Read on every call (about 1,000 a micro-batch on a 1.5B model): kept cheap."""
     if not (self.training and torch.is_grad_enabled()) or torch.compiler.is_compiling():
@@ -97,6 +98,8 @@ def _plain_adapter(self: torch.nn.Module, x: torch.Tensor) -> tuple | None:
     if type(base) is not torch.nn.Linear or name in (getattr(self, "lora_variant", None) or {}):
         return None
     weight, bias = base.weight, base.bias
+    if hasattr(weight, "ds_id"):  # ZeRO-3 gathers a weight only for its own module's forward
+        return None
     frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
     if not frozen or lora_a.bias is not None or lora_b.bias is not None:
         return None

@@ -365,10 +365,10 @@ def quantize_4bit(model: torch.nn.Module, compute_dtype: torch.dtype, device: st
 
 def count_parameters(model: torch.nn.Module) -> dict[str, float]:
     """Trainable and total parameters; tied weights are counted once, 4-bit weights as the
-    weights they stand for (their storage packs two into a byte)."""
+    weights they stand for (their storage packs two into a byte), partitioned ones whole."""
     params = list(model.parameters())  # de-duplicates shared (tied) tensors
     total = sum(_logical_numel(p) for p in params)
-    trainable = sum(p.numel() for p in params if p.requires_grad)
+    trainable = sum(_logical_numel(p) for p in params if p.requires_grad)
     return {
         "trainable": trainable,
         "total": total,
@@ -377,8 +377,11 @@ def count_parameters(model: torch.nn.Module) -> dict[str, float]:
 
 
 def _logical_numel(p: torch.Tensor) -> int:
+    """A 4-bit weight's logical size; a ZeRO-3-partitioned weight's whole size."""
     state = getattr(p, "quant_state", None)
-    return state.shape.numel() if state is not None else p.numel()
+    if state is not None:
+        return state.shape.numel()
+    return getattr(p, "ds_numel", None) or p.numel()
 
 
 # --------------------------------------------------------------------------- Qwen tokenizer offline

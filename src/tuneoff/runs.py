@@ -294,7 +294,7 @@ def train_arm(cfg: Config, overwrite: bool, resume: bool) -> tuple[Path, dict[st
 
 
 def check_launch(cfg: Config) -> None:
-    """Under `accelerate launch`: DDP, FSDP2 and DeepSpeed ZeRO stages 1 and 2 are supported
+    """Under `accelerate launch`: DDP, FSDP2 and DeepSpeed ZeRO stages 1 to 3 are supported
     (saving and resuming gather FSDP2's shards and ZeRO's master weights; tested on CPU); other
     launches are refused before anything is written. Reads the environment `accelerate launch`
     sets, as Accelerate itself does."""
@@ -318,7 +318,7 @@ def check_launch(cfg: Config) -> None:
 
 
 def _check_deepspeed(cfg: Config) -> None:
-    """ZeRO stage 1 or 2 without offload, with torch's AdamW."""
+    """ZeRO stage 1, 2 or 3 (not for qlora) without offload, with torch's AdamW."""
     try:
         from accelerate.utils import DeepSpeedPlugin
 
@@ -336,12 +336,14 @@ def _check_deepspeed(cfg: Config) -> None:
             )
     zero = plugin.deepspeed_config.get("zero_optimization", {})
     stage = int(zero.get("stage", 0))
-    fsdp2 = "accelerate launch --use_fsdp --fsdp_version 2"
-    if stage not in (1, 2):
-        shards = " (to shard the weights too, use FSDP2: " + fsdp2 + ")" if stage == 3 else ""
+    if stage not in (1, 2, 3):
         raise UsageError(
-            f"DeepSpeed ZeRO stage {stage} is not supported: launch with --zero_stage 1 or 2"
-            + shards
+            f"DeepSpeed ZeRO stage {stage} is not supported: launch with --zero_stage 1, 2 or 3"
+        )
+    if stage == 3 and cfg.method == "qlora":
+        raise UsageError(
+            "qlora under DeepSpeed ZeRO stage 3: its 4-bit weights cannot be partitioned; "
+            "launch with --zero_stage 2, or with FSDP2"
         )
     for part in ("offload_optimizer", "offload_param"):
         device = (zero.get(part) or {}).get("device", "none")
