@@ -183,7 +183,7 @@ def _prepare_for_evaluation(model, accelerator, cfg: Config):
 
 
 def _distributed(accelerator) -> str:
-    """How the processes share the work: none, ddp, fsdp2 or deepspeed-zero1/2."""
+    """How the processes share the work: none, ddp, fsdp2 or deepspeed-zero1/2/3."""
     if accelerator.num_processes == 1 and not is_deepspeed(accelerator):
         return "none"
     if is_fsdp(accelerator):

@@ -164,8 +164,8 @@ def _load_deepspeed(path: Path, meta: dict, model, accelerator) -> bool:
 
 
 def gather_weights(model, trainable_only: bool) -> dict[str, torch.Tensor] | None:
-    """Whole weights on the main process's CPU from an FSDP-sharded model (every process calls
-    it; the others get an empty dict). None where weights are not sharded: save as they are."""
+    """Whole weights on the main process's CPU from a model that FSDP sharded or DeepSpeed's ZeRO
+    manages (every process calls it). None where weights are whole: save them as they are."""
     from torch.distributed.tensor import DTensor
 
     if any(hasattr(p, "_hp_mapping") or hasattr(p, "ds_id") for p in model.parameters()):

@@ -128,8 +128,8 @@ def is_fsdp(accelerator: Any) -> bool:
 
 
 def collective_backward(accelerator: Any) -> bool:
-    """Every forward (FSDP) or backward (DeepSpeed ZeRO-2) is a collective: each process must run
-    as many micro-batches per window as the others."""
+    """Every forward (FSDP, DeepSpeed ZeRO-3) or backward (ZeRO-2) has collectives: each process
+    must run as many micro-batches per window as the others."""
     return is_fsdp(accelerator) or is_deepspeed(accelerator)
 
 
