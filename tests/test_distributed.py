@@ -70,6 +70,13 @@ def same_log(run_dir: Path, reference: Path, arm: str = "full") -> None:
     assert [r["loss"] for r in logs[0]] == pytest.approx([r["loss"] for r in logs[1]], rel=1e-5)
 
 
+def same_counts(run_dir: Path, reference: Path, arm: str = "full") -> None:
+    """The tokens trained on, supervised, and padding, as counted over every process."""
+    a, b = summary(run_dir, arm)["training"], summary(reference, arm)["training"]
+    for key in ("train_tokens", "train_supervised_tokens", "padding_fraction"):
+        assert a[key] == b[key], key
+
+
 @pytest.fixture(scope="module")
 def accumulating(tmp_path_factory) -> Path:
     """One process accumulating 2 micro-batches per step: what 2 processes x 1 must equal."""
@@ -146,6 +153,7 @@ def test_fsdp2_full_fine_tuning_equals_one_process_and_saves_whole_weights(
     assert summary(tmp_path / "cut")["metrics"]["val"]["loss"] == pytest.approx(
         summary(accumulating_32)["metrics"]["val"]["loss"], rel=1e-5
     )
+    same_counts(tmp_path / "cut", accumulating_32)  # the unsupervised copies are not data
 
 
 def test_fsdp2_lora_resumes_from_its_gathered_checkpoint_as_one_uninterrupted_process(tmp_path):
@@ -213,6 +221,7 @@ def test_deepspeed_zero_1_2_and_3_equal_one_process_and_save_whole_weights(
     assert summary(tmp_path / "cut")["metrics"]["val"]["loss"] == pytest.approx(
         summary(accumulating_32)["metrics"]["val"]["loss"], rel=1e-5
     )
+    same_counts(tmp_path / "cut", accumulating_32)
 
 
 @needs_deepspeed
@@ -296,18 +305,41 @@ def test_ddp_resume_restores_each_processs_random_state(tmp_path):
     out = str(tmp_path / "cut")
     cut = torchrun("train", "--output-dir", out, *args, TUNEOFF_TEST_INTERRUPT_AFTER_EPOCH="1")
     assert cut.returncode != 0 and "--resume" in cut.stderr
+    # One process would take half the examples per step: refused, nothing written.
+    alone = one_process("train", "--output-dir", out, *args, "--resume")
+    error = alone.stderr.strip().splitlines()[-1]
+    assert alone.returncode == 2 and "examples per optimizer step" in error
     resumed = torchrun("train", "--output-dir", out, *args, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     adapter = "lora/adapter/adapter_model.safetensors"
     a, b = load_file(tmp_path / "cut" / adapter), load_file(tmp_path / "straight" / adapter)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+    # Counted over both processes before the checkpoint, and after it, once each.
+    same_counts(tmp_path / "cut", tmp_path / "straight", "lora")
+    # A --resume of the finished arm that fails on bad input leaves its summary as it was.
+    done = summary(tmp_path / "cut", "lora")
+    bad = one_process("train", "--output-dir", out, *args, "--resume", "max_seq_len=4")
+    assert bad.returncode == 2 and summary(tmp_path / "cut", "lora") == done
+
+
+def test_out_of_memory_in_one_process_ends_the_launch_with_an_oom_row(tmp_path):
+    """The other process waits in a collective the one out of memory never joins: that one
+    writes the row and ends the launch, instead of both hanging."""
+    out = tmp_path / "run"
+    args = ["--method", "lora", "--limit", "160", "epochs=1", "gen_examples=0"]
+    done = torchrun("train", "--output-dir", str(out), *args, TUNEOFF_TEST_OOM="lora@1")
+    assert done.returncode != 0
+    row = summary(out, "lora")
+    assert row["status"] == "oom" and row["error"].endswith("(process 1)")
 
 
 def test_launches_not_supported_are_refused_before_anything_is_written(tmp_path):
     out = tmp_path / "x"
     config = tmp_path / "ds.json"
     config.write_text('{"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}}')
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
     deepspeed = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}
     refused = [
         ({"ACCELERATE_USE_FSDP": "true"}, [], "--fsdp_version 2"),
@@ -322,6 +354,7 @@ def test_launches_not_supported_are_refused_before_anything_is_written(tmp_path)
              "without offload"),
             (deepspeed, ["optimizer=adamw_lean"], "use optimizer=adamw"),
             ({**deepspeed, "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(config)}, [], "remove it"),
+            ({**deepspeed, "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(listed)}, [], "JSON object"),
         ]  # fmt: skip
     for env, extra, fix in refused:
         done = one_process("train", "--output-dir", str(out), *ARGS, *extra, **env)
@@ -329,3 +362,7 @@ def test_launches_not_supported_are_refused_before_anything_is_written(tmp_path)
         assert done.stderr.startswith("tuneoff: error:") and fix in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
         assert not out.exists()
+    # Under a launcher every process meets the error: it is said once.
+    done = torchrun("train", "--output-dir", str(out), *ARGS, "optimizer=adamw8bit", **FSDP2)
+    assert done.returncode != 0 and done.stderr.count("tuneoff: error:") == 1
+    assert not out.exists()

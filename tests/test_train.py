@@ -180,10 +180,12 @@ def test_resume_after_an_interruption_matches_an_uninterrupted_run(
 
 def test_resume_after_a_max_steps_stop_goes_on_mid_epoch(tiny_model_dir, alpaca_file, tmp_path):
     """A run stopped by --max-steps in the middle of an epoch, resumed with more steps, trains
-    the rest of that epoch, as one run with the larger --max-steps does."""
+    the rest of that epoch, as one run with the larger --max-steps does: the same lr schedule
+    (it spans the planned epochs, whatever --max-steps) and the same dropout masks (the data
+    loader draws nothing from torch's random state)."""
     args = ["train", "--method", "lora", "--model", str(tiny_model_dir), "--dataset",
             str(alpaca_file), "--no-report", "batch_size=8", "grad_accum=1", "gen_examples=0",
-            "lr=1e-2", "warmup_steps=0", "lr_schedule=constant", "lora_dropout=0"]  # fmt: skip
+            "lr=1e-2", "warmup_steps=2", "lora_dropout=0.3"]  # fmt: skip
     assert main([*args, "--output-dir", str(tmp_path / "straight"), "--max-steps", "5"]) == 0
     cut = str(tmp_path / "cut")
     assert main([*args, "--output-dir", cut, "--max-steps", "2"]) == 0

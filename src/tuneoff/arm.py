@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -56,10 +58,13 @@ def run_arm(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
                     "module: loss_chunk_size=0 (full-vocabulary logits)")  # fmt: skip
         cfg = cfg.replace(loss_chunk_size=0)
     sharded = "FSDP" if is_fsdp(accelerator) else "DeepSpeed" if is_deepspeed(accelerator) else ""
+    if cfg.method == "base" and zero_stage(accelerator) != 3:
+        sharded = ""  # evaluated unwrapped: each process holds the whole model
     budget = apply_memory_budget(cfg, runtime)
     arm_dir = run_dir / cfg.method
     arm_dir.mkdir(parents=True, exist_ok=True)
-    write_yaml(cfg, arm_dir / "config.yaml")
+    if accelerator.is_main_process:
+        write_yaml(cfg, arm_dir / "config.yaml")
     set_seed(cfg.seed)
     model = load_model(cfg.model)
     set_seed(cfg.seed)  # adapters are initialized from this seed in every arm
@@ -99,6 +104,15 @@ def run_arm(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     summary["memory_overall"] = measure.measure_memory(runtime.device)  # evaluation included
     summary.setdefault("memory", summary["memory_overall"])
     summary["total_time_s"] = time.perf_counter() - started
+    several = accelerator.num_processes > 1
+    if summary["status"] == "oom" and several:
+        # The other processes wait in a collective this one will never join: it writes the
+        # 'oom' row itself and ends the launch (the launcher stops the others).
+        summary["error"] += f" (process {accelerator.process_index})"
+        (arm_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     if accelerator.is_main_process:
         (arm_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -159,7 +173,7 @@ def _summary_head(cfg, runtime: Runtime, model, counts, manifest, accelerator) -
             "precision": runtime.precision,
             "precision_reason": runtime.reason,
             "world_size": accelerator.num_processes,
-            "distributed": _distributed(accelerator),
+            "distributed": _distributed(accelerator, cfg.method),
             "dataloader_workers": loader_workers(cfg),
         },
         "versions": measure.measure_versions(),
@@ -182,10 +196,13 @@ def _prepare_for_evaluation(model, accelerator, cfg: Config):
     return accelerator.prepare(model)
 
 
-def _distributed(accelerator) -> str:
-    """How the processes share the work: none, ddp, fsdp2 or deepspeed-zero1/2/3."""
+def _distributed(accelerator, method: str) -> str:
+    """How the processes share the work: none, ddp, fsdp2 or deepspeed-zero1/2/3; unwrapped for
+    the base arm, which each process evaluates whole (except under ZeRO-3)."""
     if accelerator.num_processes == 1 and not is_deepspeed(accelerator):
         return "none"
+    if method == "base" and zero_stage(accelerator) != 3:
+        return "unwrapped"
     if is_fsdp(accelerator):
         return "fsdp2"
     if is_deepspeed(accelerator):

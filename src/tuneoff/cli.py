@@ -458,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return commands[args.command](args)
     except (CheckpointError, ConfigError, DataError, ModelError, UsageError) as err:
-        print(f"tuneoff: error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under a launcher every process hits it
+            print(f"tuneoff: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         where = f" --output-dir {args.run_dir}" if getattr(args, "run_dir", None) else ""

@@ -282,15 +282,25 @@ def train_arm(cfg: Config, overwrite: bool, resume: bool) -> tuple[Path, dict[st
     try:
         summary = run_arm(cfg.replace(output_dir=str(run_dir)), run_dir, resume=resume)
     except (ConfigError, DataError, ModelError) as err:  # the report shows the arm as failed
-        arm_dir.mkdir(parents=True, exist_ok=True)
-        failed = {"status": "failed", "method": cfg.method, "error": str(err)}
-        (arm_dir / "summary.json").write_text(json.dumps(failed, indent=2) + "\n")
+        summary_path = arm_dir / "summary.json"
+        if (dist is None or dist.is_main_process) and not _finished(summary_path):
+            # (a finished arm's summary stays: a failed --resume of it loses nothing)
+            arm_dir.mkdir(parents=True, exist_ok=True)
+            failed = {"status": "failed", "method": cfg.method, "error": str(err)}
+            summary_path.write_text(json.dumps(failed, indent=2) + "\n")
         raise
     if dist is not None:
         dist.wait_for_everyone()
         if not dist.is_main_process:
             return run_dir, None
     return run_dir, summary
+
+
+def _finished(summary_path: Path) -> bool:
+    try:
+        return json.loads(summary_path.read_text()).get("status") == "ok"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def check_launch(cfg: Config) -> None:
@@ -328,10 +338,13 @@ def _check_deepspeed(cfg: Config) -> None:
     except (OSError, ValueError) as err:
         where = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
         raise UsageError(f"the DeepSpeed config {where}: {str(err).splitlines()[0]}") from None
+    except (AttributeError, TypeError):  # Accelerate reads it as a dict
+        where = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+        raise UsageError(f"the DeepSpeed config {where}: not a JSON object ({{...}})") from None
     for key in ("optimizer", "scheduler"):
         if key in plugin.deepspeed_config:
             raise UsageError(
-                f"the DeepSpeed config has an {key!r} section: remove it (tuneoff's config sets "
+                f"the DeepSpeed config has a {key!r} section: remove it (tuneoff's config sets "
                 "the optimizer and its schedule: optimizer, lr, warmup_steps, lr_schedule)"
             )
     zero = plugin.deepspeed_config.get("zero_optimization", {})

@@ -31,7 +31,7 @@ from tuneoff.batching import (
     split_by_tokens,
     supervised_tokens,
 )
-from tuneoff.checkpoint import is_deepspeed, load_checkpoint, save_checkpoint
+from tuneoff.checkpoint import CheckpointError, is_deepspeed, load_checkpoint, save_checkpoint
 from tuneoff.config import Config
 from tuneoff.data import IGNORE, Example
 from tuneoff.evaluate import evaluate
@@ -52,6 +52,7 @@ class TrainState:
     tokens: int = 0
     supervised_tokens: int = 0
     slots: int = 0  # tokens + padding
+    examples_per_step: int = 0  # micro-batch x accumulation x processes (0: not recorded)
 
 
 # --------------------------------------------------------------------------- setup
@@ -182,6 +183,9 @@ def make_loader(
         pin_memory=device == "cuda",
         prefetch_factor=4 if workers else None,
         multiprocessing_context="fork" if workers and os.name == "posix" else None,
+        # Its own generator: each iter() would otherwise draw a worker seed from torch's global
+        # one, and a run resumed mid-epoch (after --max-steps) would draw other dropout masks.
+        generator=torch.Generator(),
     )
 
 
@@ -249,14 +253,26 @@ def train(
              "accumulated x %d processes", total_steps, per_epoch, step_examples, cfg.batch_size,
              cfg.grad_accum, world)  # fmt: skip
     optimizer = make_optimizer(model, cfg, device)
-    scheduler = make_scheduler(optimizer, cfg, total_steps)
+    # The schedule spans the planned epochs: --max-steps stops early, and a --resume given more
+    # steps goes on with the lr the uninterrupted run would have had.
+    scheduler = make_scheduler(optimizer, cfg, per_epoch * cfg.epochs)
     configure_deepspeed(accelerator, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     state = TrainState()
     if resume and (arm_dir / "checkpoint" / "state.json").is_file():  # before any forward
         saved = load_checkpoint(arm_dir / "checkpoint", model, optimizer, scheduler, accelerator)
         state = TrainState(**saved)
+        if rank:  # the counts saved are every process's: rank 0 carries them on
+            state.tokens = state.supervised_tokens = state.slots = 0
+        if state.examples_per_step not in (0, step_examples):
+            raise CheckpointError(
+                f"checkpoint {arm_dir / 'checkpoint'} took {state.examples_per_step} examples "
+                f"per optimizer step, this launch {step_examples} ({cfg.batch_size} x "
+                f"{cfg.grad_accum} x {world} processes): resume with batch_size x grad_accum x "
+                "processes as before, or rerun without --resume (with --overwrite)"
+            )
         log.info("resuming after epoch %d, step %d", state.epoch, state.step)
+    state.examples_per_step = step_examples
     cfg = choose_batching(model, cfg, device)
     metrics_log = MetricsLog(
         arm_dir / "metrics.jsonl", state.step, write=accelerator.is_main_process
@@ -301,10 +317,11 @@ def train(
             step_s = time.perf_counter() - step_start
             state.step += 1
             state.windows += 1
-            tokens = sum(len(data["train"][i].input_ids) for idx, _ in window for i in idx)
+            # Unsupervised copies (a process's filler for equal forward counts) are not data.
+            tokens = sum(len(data["train"][i].input_ids) for idx, sup in window if sup for i in idx)
             state.tokens += tokens
             state.supervised_tokens += supervised
-            state.slots += sum(b["input_ids"].numel() for b in micro)
+            state.slots += sum(b["input_ids"].numel() for (_, sup), b in zip(window, micro) if sup)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / step_s:,.0f}", refresh=False)
             if state.step % cfg.log_every == 0 or state.step == total_steps:
@@ -336,7 +353,10 @@ def train(
         # else max_steps stopped mid-epoch: a --resume with more steps goes on from there
         metrics_log.eval(model, data["val"], cfg, device, pad_id, state.step, epoch + 1)
         if cfg.save_checkpoints:  # every process: FSDP gathers its shards to the main one
-            save_checkpoint(arm_dir / "checkpoint", model, optimizer, scheduler, accelerator, state)
+            totals = _global_counts(state, accelerator)  # every process's tokens so far
+            save_checkpoint(
+                arm_dir / "checkpoint", model, optimizer, scheduler, accelerator, totals
+            )
         if not state.windows:
             _maybe_interrupt(state.epoch)
     bar.close()
@@ -417,8 +437,10 @@ class MetricsLog:
 
 
 def _maybe_inject_oom(cfg: Config, step: int) -> None:
-    """TUNEOFF_TEST_OOM=<method>: raise a CUDA-style OOM in that arm (tests the 'oom' row)."""
-    if os.environ.get("TUNEOFF_TEST_OOM") == cfg.method and step == 0:
+    """TUNEOFF_TEST_OOM=<method>[@rank]: raise a CUDA-style OOM in that arm (in that process
+    only, with @rank) (tests the 'oom' row)."""
+    method, _, rank = os.environ.get("TUNEOFF_TEST_OOM", "").partition("@")
+    if method == cfg.method and rank in ("", os.environ.get("RANK", "0")) and step == 0:
         raise torch.OutOfMemoryError("CUDA out of memory (simulated by TUNEOFF_TEST_OOM)")
 
 
