@@ -200,3 +200,25 @@ def test_resume_after_a_max_steps_stop_goes_on_mid_epoch(tiny_model_dir, alpaca_
     assert {r["epoch"] for r in train_rows} == {1}  # steps 3-5 are still epoch 1
     summary = json.loads((Path(cut) / "lora/summary.json").read_text())["training"]
     assert len(summary["epoch_times_s"]) == 1 and summary["optimizer_steps"] == 5
+
+
+def test_a_resume_keeps_the_arms_settings_and_a_failed_one_loses_nothing(
+    tiny_model_dir, alpaca_file, tmp_path
+):
+    """--resume with another lr is refused (only --max-steps, evaluation and logging may
+    change); a --resume that fails on bad input leaves a finished arm's summary as it was."""
+    args = ["train", "--method", "lora", "--model", str(tiny_model_dir), "--dataset",
+            str(alpaca_file), "--no-report", "batch_size=8", "gen_examples=0"]  # fmt: skip
+    cut = tmp_path / "cut"
+    assert main([*args, "--output-dir", str(cut), "--max-steps", "2"]) == 0
+    config = (cut / "lora" / "config.yaml").read_text()
+    assert main([*args, "--output-dir", str(cut), "--resume", "lr=1e-3"]) == 2
+    assert (cut / "lora" / "config.yaml").read_text() == config
+    assert main([*args, "--output-dir", str(cut), "--resume", "eval_every=1"]) == 0
+    done = tmp_path / "done"  # no checkpoint to check against: the data check fails instead
+    assert (
+        main([*args, "--output-dir", str(done), "--max-steps", "1", "save_checkpoints=false"]) == 0
+    )
+    summary = (done / "lora" / "summary.json").read_text()
+    assert main([*args, "--output-dir", str(done), "--resume", "max_seq_len=4"]) == 2
+    assert (done / "lora" / "summary.json").read_text() == summary

@@ -63,6 +63,8 @@ def run_arm(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     budget = apply_memory_budget(cfg, runtime)
     arm_dir = run_dir / cfg.method
     arm_dir.mkdir(parents=True, exist_ok=True)
+    if resume and (arm_dir / "checkpoint" / "state.json").is_file():
+        check_resumed_config(cfg, arm_dir / "config.yaml")
     if accelerator.is_main_process:
         write_yaml(cfg, arm_dir / "config.yaml")
     set_seed(cfg.seed)
@@ -116,6 +118,24 @@ def run_arm(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     if accelerator.is_main_process:
         (arm_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def check_resumed_config(cfg: Config, saved: Path) -> None:
+    """A --resume goes on with the arm's own config: only keys that change nothing about the
+    training (`RESUMABLE_KEYS`: --max-steps, evaluation, logging) may differ."""
+    from tuneoff.checkpoint import CheckpointError
+    from tuneoff.config import RESUMABLE_KEYS, read_yaml
+
+    if not saved.is_file():
+        return
+    before, now = read_yaml(saved), cfg.to_dict()
+    changed = [k for k in now if k not in RESUMABLE_KEYS and before.get(k, now[k]) != now[k]]
+    if changed:
+        what = ", ".join(f"{k}={before[k]!r} now {now[k]!r}" for k in changed[:3])
+        raise CheckpointError(
+            f"{saved.parent} was trained with other settings ({what}): resume with the arm's "
+            f"config ({saved}), or rerun without --resume (with --overwrite)"
+        )
 
 
 def apply_memory_budget(cfg: Config, runtime: Runtime) -> int | None:

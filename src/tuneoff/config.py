@@ -34,6 +34,11 @@ SPLIT_KEYS = ("dataset", "dataset_split", "dataset_config", "limit", "seed", "va
               "test_fraction")  # fmt: skip
 # Keys no single arm may override: the split, and which run and arm this is.
 RUN_KEYS = (*SPLIT_KEYS, "method", "methods", "name", "output_dir")
+# Keys a --resume may change: none changes what is trained or how (the rest must stay the arm's).
+RESUMABLE_KEYS = ("max_steps", "methods", "name", "output_dir", "num_workers", "eval_every",
+                  "eval_batch_size", "eval_train_examples", "gen_examples", "gen_max_new_tokens",
+                  "gen_batch_size", "log_every", "save_checkpoints", "memory_budget",
+                  "compile")  # fmt: skip
 SIZE_UNITS = {"b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 SIZE_UNITS.update({"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k": 2**10, "m": 2**20})
 SIZE_UNITS.update({"g": 2**30, "t": 2**40})
