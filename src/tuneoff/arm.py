@@ -57,9 +57,8 @@ def run_arm(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
         log.warning("ZeRO-3 partitions the lm head, which the chunked loss reads outside its "
                     "module: loss_chunk_size=0 (full-vocabulary logits)")  # fmt: skip
         cfg = cfg.replace(loss_chunk_size=0)
-    sharded = "FSDP" if is_fsdp(accelerator) else "DeepSpeed" if is_deepspeed(accelerator) else ""
-    if cfg.method == "base" and zero_stage(accelerator) != 3:
-        sharded = ""  # evaluated unwrapped: each process holds the whole model
+    distributed = _distributed(accelerator, cfg.method)
+    sharded = distributed.startswith(("fsdp", "deepspeed"))  # the planner knows one process
     budget = apply_memory_budget(cfg, runtime)
     arm_dir = run_dir / cfg.method
     arm_dir.mkdir(parents=True, exist_ok=True)
@@ -74,9 +73,11 @@ def run_arm(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     if cfg.compile:
         compile_model(model)
     summary = _summary_head(cfg, runtime, model, counts, manifest, accelerator)
+    summary["runtime"]["distributed"] = distributed
     summary["memory_plan"] = (
         {"error": f"not predicted: the planner assumes one process holding the whole model, "
-                  f"this run shards it over {accelerator.num_processes} with {sharded}"}
+                  f"this run shares it over {accelerator.num_processes} (FSDP or DeepSpeed: "
+                  f"{distributed})"}
         if sharded
         else _memory_plan(cfg, runtime, budget)
     )  # fmt: skip
@@ -106,8 +107,7 @@ def run_arm(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     summary["memory_overall"] = measure.measure_memory(runtime.device)  # evaluation included
     summary.setdefault("memory", summary["memory_overall"])
     summary["total_time_s"] = time.perf_counter() - started
-    several = accelerator.num_processes > 1
-    if summary["status"] == "oom" and several:
+    if summary["status"] == "oom" and accelerator.num_processes > 1:
         # The other processes wait in a collective this one will never join: it writes the
         # 'oom' row itself and ends the launch (the launcher stops the others).
         summary["error"] += f" (process {accelerator.process_index})"
@@ -193,7 +193,6 @@ def _summary_head(cfg, runtime: Runtime, model, counts, manifest, accelerator) -
             "precision": runtime.precision,
             "precision_reason": runtime.reason,
             "world_size": accelerator.num_processes,
-            "distributed": _distributed(accelerator, cfg.method),
             "dataloader_workers": loader_workers(cfg),
         },
         "versions": measure.measure_versions(),
