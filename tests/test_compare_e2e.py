@@ -143,6 +143,29 @@ def test_a_failed_arm_is_a_row_and_a_non_zero_exit(tmp_path, capsys):
     assert "arms failed: full" in capsys.readouterr().err
 
 
+def test_per_arm_overrides_are_saved_with_the_run_and_read_by_its_arms(tmp_path):
+    """The run's config.yaml keeps `full.lr`: each arm's process reads it from there, and
+    `compare --config` on it reruns the same comparison (before, it dropped them)."""
+    from tuneoff.cli import build_parser
+    from tuneoff.runs import resolve_args
+
+    out = tmp_path / "per-arm"
+    args = ["compare", "--output-dir", str(out), "--limit", "60", "--max-steps", "1",
+            "epochs=1", "gen_examples=0", "full.lr=3e-05", "lora.lora_r=4"]  # fmt: skip
+    assert main(args) == 0
+    assert summary(out, "full")["config"]["lr"] == 3e-5
+    lora = summary(out, "lora")["config"]
+    assert lora["lr"] == summary(out, "base")["config"]["lr"] != 3e-5 and lora["lora_r"] == 4
+    assert "tuneoff compare --config" in (out / "report.md").read_text()
+    assert "--launcher" not in (out / "report.md").read_text()
+    rerun = ["compare", "--config", str(out / "config.yaml"), "--name", "again"]
+    _, per_arm, _ = resolve_args(build_parser().parse_args(rerun))
+    assert per_arm == {"full": {"lr": 3e-5}, "lora": {"lora_r": 4}}
+    one = ["train", "--config", str(out / "config.yaml"), "--method", "lora", "--name", "x"]
+    cfg, per_arm, _ = resolve_args(build_parser().parse_args(one))  # full.lr: not refused
+    assert per_arm["lora"] == {"lora_r": 4}
+
+
 def test_confound_list_flags_any_difference_but_method():
     def arm(method: str, lr: float) -> dict:
         return {"status": "ok", "config": {"method": method, "lr": lr}, "runtime": {},

@@ -264,7 +264,9 @@ def test_compare_runs_every_arm_under_its_launcher(tmp_path):
     done = one_process("compare", "--output-dir", str(out), "--launcher", launcher,
                        "--methods", "lora", *args)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    assert (out / "report.md").is_file()
+    # The report's command reruns it under the same launcher.
+    assert f"--launcher '{launcher}'" in (out / "report.md").read_text()
+    assert f"--launcher '{launcher}'" in (out / "config.yaml").read_text().splitlines()[0]
     test = [json.loads(x) for x in (out / "splits" / "test.jsonl").read_text().splitlines()]
     for arm in ("base", "lora"):
         assert summary(out, arm)["status"] == "ok"

@@ -333,6 +333,12 @@ def resolve(
     return cfg, per_arm
 
 
-def write_yaml(cfg: Config, path: Path, header: str = "") -> None:
-    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+def write_yaml(
+    cfg: Config, path: Path, header: str = "", per_arm: dict[str, dict[str, Any]] | None = None
+) -> None:
+    """`cfg` as YAML, then the per-arm overrides as `arm.key` entries (as `resolve` reads them)."""
+    values = cfg.to_dict()
+    for arm, arm_values in (per_arm or {}).items():
+        values.update({f"{arm}.{k}": v for k, v in arm_values.items()})
+    text = yaml.safe_dump(values, sort_keys=False)
     path.write_text(header + text)

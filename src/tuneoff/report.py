@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tuneoff.runs import UsageError
+from tuneoff.runs import UsageError, reproduce_command
 
 log = logging.getLogger(__name__)
 
@@ -378,7 +378,7 @@ def write_report(run_dir: Path) -> tuple[Path, str]:
         f"# tuneoff: {run_dir.name}",
         f"Model `{cfg.get('model')}` on `{cfg.get('dataset')}`; {runtime.get('device_name', '?')} "
         f"({runtime.get('device', '?')}), precision {runtime.get('precision', '?')}. "
-        f"Reproduce: `tuneoff compare --config {run_dir / 'config.yaml'} --name NEW_NAME`.",
+        f"Reproduce: `{reproduce_command(run_dir)}`.",
         "## Training time & resources",
         _table(["Metric", *[n for n in summaries if n != "base"]], resources_rows(summaries)),
     ]

@@ -76,13 +76,24 @@ def check_not_a_file(path: Path, flag: str) -> None:
         raise UsageError(f"{flag} {path}: {blocked} is a file, not a directory; choose another")
 
 
-def claim_dir(path: Path, replace: bool) -> None:
+def claim_dir(path: Path, replace: bool, record: dict[str, Any] | None = None) -> None:
+    """Make (or replace) a run directory and mark it as tuneoff's; `record` adds to the marker
+    (compare: the launcher it started the arms with, None for one process each)."""
     if replace:
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
-    if not (path / MARKER).is_file():
-        stamp = json.dumps({"created": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        (path / MARKER).write_text(stamp + "\n")
+    marker = path / MARKER
+    stamp = json.loads(marker.read_text()) if marker.is_file() else {}
+    stamp.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S"))
+    marker.write_text(json.dumps({**stamp, **(record or {})}) + "\n")
+
+
+def reproduce_command(run_dir: Path) -> str:
+    """The command that reruns `run_dir`'s comparison as a new run (under its launcher)."""
+    marker = run_dir / MARKER
+    launcher = json.loads(marker.read_text()).get("launcher") if marker.is_file() else None
+    command = f"tuneoff compare --config {run_dir / 'config.yaml'} --name NEW_NAME"
+    return command + (f" --launcher {shlex.quote(launcher)}" if launcher else "")
 
 
 def load_run_config(path: Path) -> tuple[Path, Config]:
@@ -117,7 +128,10 @@ def resolve_args(args: argparse.Namespace) -> tuple[Config, dict, str]:
     preset = args.preset or (None if args.config else "tiny")
     cfg, per_arm = resolve(preset, args.config, overrides)
     arms = {cfg.method} if args.command == "train" else {"base", *cfg.methods}
-    unknown_arms = set(per_arm) - arms
+    # One arm trained from a run's config.yaml (as compare starts them) takes its own per-arm
+    # keys from the file and leaves the other arms'; on the command line they must apply.
+    named = {k.split(".", 1)[0] for k in overrides if "." in k}
+    unknown_arms = (named if args.command == "train" else set(per_arm)) - arms
     if unknown_arms:
         raise ConfigError(
             f"per-arm override for {sorted(unknown_arms)}, which is not an arm here "
@@ -133,16 +147,16 @@ def resolve_args(args: argparse.Namespace) -> tuple[Config, dict, str]:
 # --------------------------------------------------------------------------- compare
 
 
-def launcher_command(launcher: str | None) -> list[str]:
-    """The command that starts each arm of `compare`: `launcher` (split as a shell would, e.g.
-    `accelerate launch --num_processes 8`) or this Python, then `-m tuneoff train ...`."""
+def launcher_command(launcher: str | None) -> list[str] | None:
+    """The command that starts each arm of `compare` before `-m tuneoff train ...`: `launcher`
+    split as a shell would (e.g. `accelerate launch --num_processes 8`); None: this Python."""
     if os.environ.get("WORLD_SIZE", "1") != "1":
         raise UsageError(
             "compare starts each arm in its own processes: run it without a launcher, and pass "
             "the launcher as --launcher 'accelerate launch ...' (or 'torchrun ...')"
         )
     if launcher is None:
-        return [sys.executable]
+        return None
     try:
         words = shlex.split(launcher)
     except ValueError as err:
@@ -174,16 +188,17 @@ def compare(
     check_model(cfg.model, cfg.max_seq_len)
     replace = check_dir(run_dir, overwrite, resume)
     records = load_unless_split(cfg, run_dir, resume)  # bad data fails before any write
-    claim_dir(run_dir, replace)
-    # Saved without output_dir, so that rerunning it with another --name makes a new run.
-    header = f"# tuneoff compare --config {run_dir / 'config.yaml'} --name NEW_NAME\n"
-    write_yaml(cfg.replace(output_dir=None), run_dir / "config.yaml", header=header)
+    claim_dir(run_dir, replace, {"launcher": shlex.join(launcher) if launcher else None})
+    # Saved without output_dir, so that rerunning it with another --name makes a new run; with
+    # the per-arm overrides (`full.lr: 2.0e-05`), which each arm's process reads from it.
+    header = f"# {reproduce_command(run_dir)}\n"
+    write_yaml(cfg.replace(output_dir=None), run_dir / "config.yaml", header, per_arm)
     cfg = cfg.replace(output_dir=str(run_dir))
     prepare_splits(cfg, run_dir / "splits", records)
     log.info("tuneoff compare: %s preset, arms base + %s -> %s", preset, ", ".join(cfg.methods),
              run_dir)  # fmt: skip
     for method in ["base", *cfg.methods]:
-        _run_arm_process(method, run_dir, per_arm.get(method, {}), resume, launcher)
+        _run_arm_process(method, run_dir, resume, launcher)
     _measure_deployment(run_dir)
 
 
@@ -211,9 +226,8 @@ def load_unless_split(cfg: Config, run_dir: Path, resume: bool) -> list[dict] | 
     return load_records(cfg.dataset, cfg.dataset_split, cfg.dataset_config)
 
 
-def _run_arm_process(
-    method: str, run_dir: Path, overrides: dict, resume: bool, launcher: list[str] | None
-) -> None:
+def _run_arm_process(method: str, run_dir: Path, resume: bool, launcher: list[str] | None) -> None:
+    """One arm as `tuneoff train` on the run's config.yaml (its per-arm keys included)."""
     summary_path = run_dir / method / "summary.json"
     if resume and summary_path.is_file() and json.loads(summary_path.read_text())["status"] == "ok":
         log.info("\n== %s: already done, skipped (--resume)", method)
@@ -223,7 +237,6 @@ def _run_arm_process(
            "--config", str(run_dir / "config.yaml"), "--output-dir", str(run_dir),
            "--no-report"]  # fmt: skip
     cmd += ["--resume"] if resume else []
-    cmd += [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
     started = time.perf_counter()
     code = subprocess.run(cmd).returncode
     if not summary_path.is_file():
