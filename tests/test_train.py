@@ -215,6 +215,9 @@ def test_a_resume_keeps_the_arms_settings_and_a_failed_one_loses_nothing(
     assert main([*args, "--output-dir", str(cut), "--resume", "lr=1e-3"]) == 2
     assert (cut / "lora" / "config.yaml").read_text() == config
     assert main([*args, "--output-dir", str(cut), "--resume", "eval_every=1"]) == 0
+    rows = [json.loads(x) for x in (cut / "lora" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["step"] for r in rows if r["event"] == "eval"]
+    assert len(evals) > 2 and len(evals) == len(set(evals))  # an epoch's end: evaluated once
     done = tmp_path / "done"  # no checkpoint to check against: the data check fails instead
     assert (
         main([*args, "--output-dir", str(done), "--max-steps", "1", "save_checkpoints=false"]) == 0

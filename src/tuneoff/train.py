@@ -342,7 +342,8 @@ def train(
                         "memory_gib": measure.peak_memory_gib(measure.measure_memory(device)),
                     }
                 )
-            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps:
+            last = state.step == total_steps or state.windows == len(schedule)
+            if cfg.eval_every and state.step % cfg.eval_every == 0 and not last:  # else below
                 metrics_log.eval(model, data["val"], cfg, device, pad_id, state.step, epoch + 1)
         if begun:  # the rest of an epoch begun before a --resume: one epoch, one time
             state.epoch_times_s[-1] += watch.total_s - epoch_start
