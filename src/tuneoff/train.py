@@ -54,6 +54,17 @@ class TrainState:
     slots: int = 0  # tokens + padding
     examples_per_step: int = 0  # micro-batch x accumulation x processes (0: not recorded)
 
+    def count(self, window: list, micro: list, supervised: int, examples: list[Example]) -> int:
+        """One optimizer step done on `window`'s micro-batches; returns its tokens. Unsupervised
+        copies (a process's filler for equal forward counts) are not data."""
+        self.step += 1
+        self.windows += 1
+        tokens = sum(len(examples[i].input_ids) for idx, sup in window if sup for i in idx)
+        self.tokens += tokens
+        self.supervised_tokens += supervised
+        self.slots += sum(b["input_ids"].numel() for (_, sup), b in zip(window, micro) if sup)
+        return tokens
+
 
 # --------------------------------------------------------------------------- setup
 
@@ -258,34 +269,16 @@ def train(
     scheduler = make_scheduler(optimizer, cfg, per_epoch * cfg.epochs)
     configure_deepspeed(accelerator, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
-    state = TrainState()
+    state = TrainState(examples_per_step=step_examples)
     if resume and (arm_dir / "checkpoint" / "state.json").is_file():  # before any forward
-        saved = load_checkpoint(arm_dir / "checkpoint", model, optimizer, scheduler, accelerator)
-        state = TrainState(**saved)
-        if rank:  # the counts saved are every process's: rank 0 carries them on
-            state.tokens = state.supervised_tokens = state.slots = 0
-        if state.examples_per_step not in (0, step_examples):
-            raise CheckpointError(
-                f"checkpoint {arm_dir / 'checkpoint'} took {state.examples_per_step} examples "
-                f"per optimizer step, this launch {step_examples} ({cfg.batch_size} x "
-                f"{cfg.grad_accum} x {world} processes): resume with batch_size x grad_accum x "
-                "processes as before, or rerun without --resume (with --overwrite)"
-            )
-        log.info("resuming after epoch %d, step %d", state.epoch, state.step)
-    state.examples_per_step = step_examples
+        state = _resumed_state(arm_dir, model, optimizer, scheduler, accelerator, cfg)
     cfg = choose_batching(model, cfg, device)
     metrics_log = MetricsLog(
         arm_dir / "metrics.jsonl", state.step, write=accelerator.is_main_process
     )
-    bar = tqdm(
-        total=total_steps,
-        initial=state.step,
-        desc=cfg.method,
-        unit="step",
-        disable=not accelerator.is_main_process,
-        dynamic_ncols=True,
-        mininterval=0.5 if sys.stderr.isatty() else 30,
-    )
+    bar = tqdm(total=total_steps, initial=state.step, desc=cfg.method, unit="step",
+               disable=not accelerator.is_main_process, dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 30)  # fmt: skip
     watch = measure.Stopwatch(device)
     model.train()
     for epoch in range(state.epoch, cfg.epochs):
@@ -315,33 +308,17 @@ def train(
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             step_s = time.perf_counter() - step_start
-            state.step += 1
-            state.windows += 1
-            # Unsupervised copies (a process's filler for equal forward counts) are not data.
-            tokens = sum(len(data["train"][i].input_ids) for idx, sup in window if sup for i in idx)
-            state.tokens += tokens
-            state.supervised_tokens += supervised
-            state.slots += sum(b["input_ids"].numel() for (_, sup), b in zip(window, micro) if sup)
+            tokens = state.count(window, micro, supervised, data["train"])
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / step_s:,.0f}", refresh=False)
             if state.step % cfg.log_every == 0 or state.step == total_steps:
                 if world > 1:  # the step's tokens over every process (on logged steps only)
                     local = torch.tensor(tokens, device=accelerator.device)
                     tokens = int(accelerator.reduce(local, "sum"))
-                metrics_log.write(
-                    {
-                        "event": "train",
-                        "step": state.step,
-                        "epoch": epoch + 1,
-                        "loss": loss,
-                        "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": float(grad_norm),
-                        "tokens": tokens,
-                        "tokens_per_s": tokens / step_s,
-                        "time_s": watch.total_s,
-                        "memory_gib": measure.peak_memory_gib(measure.measure_memory(device)),
-                    }
-                )
+                row = {"step": state.step, "epoch": epoch + 1, "loss": loss,
+                       "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                       "tokens": tokens, "tokens_per_s": tokens / step_s}  # fmt: skip
+                metrics_log.train(row, watch.total_s, device)
             last = state.step == total_steps or state.windows == len(schedule)
             if cfg.eval_every and state.step % cfg.eval_every == 0 and not last:  # else below
                 metrics_log.eval(model, data["val"], cfg, device, pad_id, state.step, epoch + 1)
@@ -367,6 +344,27 @@ def train(
         "examples_per_step": step_examples,
         "batching": cfg.batching,
     }
+
+
+def _resumed_state(arm_dir: Path, model, optimizer, scheduler, accelerator, cfg) -> TrainState:
+    """The checkpoint's state, loaded into model, optimizer and scheduler; refused when it took
+    another number of examples per optimizer step than this launch."""
+    world = accelerator.num_processes
+    step_examples = cfg.batch_size * cfg.grad_accum * world
+    saved = load_checkpoint(arm_dir / "checkpoint", model, optimizer, scheduler, accelerator)
+    state = TrainState(**saved)
+    if accelerator.process_index:  # the counts saved are every process's: rank 0 carries them on
+        state.tokens = state.supervised_tokens = state.slots = 0
+    if state.examples_per_step not in (0, step_examples):
+        raise CheckpointError(
+            f"checkpoint {arm_dir / 'checkpoint'} took {state.examples_per_step} examples "
+            f"per optimizer step, this launch {step_examples} ({cfg.batch_size} x "
+            f"{cfg.grad_accum} x {world} processes): resume with batch_size x grad_accum x "
+            "processes as before, or rerun without --resume (with --overwrite)"
+        )
+    log.info("resuming after epoch %d, step %d", state.epoch, state.step)
+    state.examples_per_step = step_examples
+    return state
 
 
 def _global_counts(state: TrainState, accelerator: Any) -> TrainState:
@@ -427,6 +425,10 @@ class MetricsLog:
             return
         with self.path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
+
+    def train(self, row: dict[str, Any], time_s: float, device: str) -> None:
+        memory_gib = measure.peak_memory_gib(measure.measure_memory(device))
+        self.write({"event": "train", **row, "time_s": time_s, "memory_gib": memory_gib})
 
     def eval(self, model, examples, cfg, device, pad_id, step: int, epoch: int) -> None:
         batches = eval_batches(examples, cfg.eval_batch_size, pad_id)
