@@ -104,6 +104,8 @@ def test_two_processes_equal_one_process_accumulating_their_micro_batches(
     s_ddp, s_one = summary(tmp_path / "ddp"), summary(accumulating)
     assert s_ddp["runtime"]["world_size"] == 2 and s_one["runtime"]["world_size"] == 1
     assert s_ddp["runtime"]["distributed"] == "ddp" and s_one["runtime"]["distributed"] == "none"
+    assert s_ddp["memory_plan"]["predicted"]["settings"]["processes"] == 2  # with DDP's buckets
+    assert "processes" not in s_one["memory_plan"]["predicted"]["settings"]
     # Rank r takes micro-batch r of each window: the same examples per optimizer step, and the
     # loss is normalized by the supervised tokens of the whole window across processes.
     assert s_ddp["training"]["optimizer_steps"] == s_one["training"]["optimizer_steps"] == 6
@@ -135,7 +137,8 @@ def test_fsdp2_full_fine_tuning_equals_one_process_and_saves_whole_weights(
     assert fsdp.stdout.count("report:") == 1
     s_fsdp, s_one = summary(tmp_path / "fsdp"), summary(accumulating)
     assert s_fsdp["runtime"]["world_size"] == 2 and s_fsdp["runtime"]["distributed"] == "fsdp2"
-    assert "not predicted" in s_fsdp["memory_plan"]["error"]  # the planner knows no shards
+    settings = s_fsdp["memory_plan"]["predicted"]["settings"]  # per process of the 2
+    assert settings["processes"] == 2 and settings["sharding"] == "fsdp2"
     assert s_fsdp["metrics"]["val"]["loss"] == pytest.approx(s_one["metrics"]["val"]["loss"],
                                                              rel=1e-5)  # fmt: skip
     same_log(tmp_path / "fsdp", accumulating)
@@ -186,7 +189,8 @@ def test_deepspeed_zero_1_2_and_3_equal_one_process_and_save_whole_weights(
     assert zero2.returncode == 0, zero2.stderr[-2000:]
     assert zero2.stdout.count("report:") == 1
     s_z2, s_one = summary(tmp_path / "z2"), summary(accumulating)
-    assert s_z2["runtime"]["world_size"] == 2 and "DeepSpeed" in s_z2["memory_plan"]["error"]
+    assert s_z2["runtime"]["world_size"] == 2
+    assert s_z2["memory_plan"]["predicted"]["settings"]["sharding"] == "zero2"
     assert s_z2["runtime"]["distributed"] == "deepspeed-zero2"
     assert s_z2["metrics"]["val"]["loss"] == pytest.approx(s_one["metrics"]["val"]["loss"],
                                                            rel=1e-5)  # fmt: skip

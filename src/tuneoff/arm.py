@@ -58,7 +58,6 @@ def run_arm(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
                     "module: loss_chunk_size=0 (full-vocabulary logits)")  # fmt: skip
         cfg = cfg.replace(loss_chunk_size=0)
     distributed = _distributed(accelerator, cfg.method)
-    sharded = distributed.startswith(("fsdp", "deepspeed"))  # the planner knows one process
     budget = apply_memory_budget(cfg, runtime)
     arm_dir = run_dir / cfg.method
     arm_dir.mkdir(parents=True, exist_ok=True)
@@ -74,13 +73,8 @@ def run_arm(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
         compile_model(model)
     summary = _summary_head(cfg, runtime, model, counts, manifest, accelerator)
     summary["runtime"]["distributed"] = distributed
-    summary["memory_plan"] = (
-        {"error": f"not predicted: the planner assumes one process holding the whole model, "
-                  f"this run shares it over {accelerator.num_processes} (FSDP or DeepSpeed: "
-                  f"{distributed})"}
-        if sharded
-        else _memory_plan(cfg, runtime, budget)
-    )  # fmt: skip
+    summary["memory_plan"] = _memory_plan(cfg, runtime, budget, accelerator=accelerator,
+                                          distributed=distributed)  # fmt: skip
     measure.reset_peak_memory(runtime.device)
     try:
         if cfg.method != "base":
@@ -102,8 +96,9 @@ def run_arm(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
         log.error("%s arm ran out of memory: %s", cfg.method, str(err).splitlines()[0])
         summary["status"], summary["error"] = "oom", str(err).splitlines()[0]
         summary["memory"] = measure.measure_memory(runtime.device)  # reached before the OOM
-        if not sharded:
-            summary["advice"] = _memory_plan(cfg, runtime, budget, advice=True).get("advice")
+        launch = {"accelerator": accelerator, "distributed": distributed}
+        plan = _memory_plan(cfg, runtime, budget, advice=True, **launch)
+        summary["advice"] = plan.get("advice")  # per process under DDP, FSDP2 or DeepSpeed
     summary["memory_overall"] = measure.measure_memory(runtime.device)  # evaluation included
     summary.setdefault("memory", summary["memory_overall"])
     summary["total_time_s"] = time.perf_counter() - started
@@ -159,16 +154,25 @@ def accelerator_index() -> int:
     return torch.cuda.current_device() if torch.cuda.is_available() else 0
 
 
-def _memory_plan(cfg: Config, runtime: Runtime, budget: int | None, advice: bool = False):
-    """The planner's prediction for this arm (recorded beside the measured peak), and with
-    `advice` the cheapest settings that fit the budget. Tracing an unusual architecture on the
-    meta device can fail; that is recorded, and the run goes on."""
+def _memory_plan(
+    cfg: Config, runtime: Runtime, budget: int | None, advice: bool = False, **launch: Any
+):
+    """The planner's prediction for this arm, per process under DDP, FSDP2 or DeepSpeed (world
+    size and kind from `launch`'s accelerator), recorded beside the measured peak; with
+    `advice` the cheapest settings that fit the budget (per process too). Tracing an unusual
+    architecture on the meta device can fail; that is recorded, and the run goes on."""
+    from tuneoff.config import ConfigError
     from tuneoff.model import ModelError, load_arch_config
-    from tuneoff.plan import advise, predict
+    from tuneoff.plan import advise
+    from tuneoff.sharding import of_accelerator, predict_for
 
     try:
         arch = load_arch_config(cfg.model)
-        pred = predict(cfg, arch, runtime, both_checkpointing=False)
+        sharding = None
+        if launch:
+            hidden = getattr(arch, "hidden_size", 0)
+            sharding = of_accelerator(launch["accelerator"], launch["distributed"], hidden)
+        pred = predict_for(cfg, arch, runtime, sharding, both_checkpointing=False)
         out: dict[str, Any] = {"predicted": pred.to_dict()}
         if advice:
             limit = budget or (
@@ -176,9 +180,9 @@ def _memory_plan(cfg: Config, runtime: Runtime, budget: int | None, advice: bool
                 if runtime.device == "cuda"
                 else pred.peak_allocated
             )
-            out["advice"] = advise(cfg, arch, runtime, limit, pred)
+            out["advice"] = advise(cfg, arch, runtime, limit, pred, sharding)
         return out
-    except (ModelError, RuntimeError, NotImplementedError, ValueError) as err:
+    except (ConfigError, ModelError, RuntimeError, NotImplementedError, ValueError) as err:
         log.warning("memory prediction unavailable: %s", str(err).splitlines()[0][:200])
         return {"error": str(err).splitlines()[0][:200]}
 

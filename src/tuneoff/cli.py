@@ -124,6 +124,18 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", help=f"comma-separated, from {', '.join(TRAINING_METHODS)}")
     p.add_argument("--gpu-memory", help="the GPU's memory, e.g. 16GiB or 24GB (default: this GPU)")
     p.add_argument(
+        "--processes",
+        metavar="N",
+        help="predict per process of a launch over N processes (default 1: one process holding "
+        "the whole model); --gpu-memory and the advice are then per GPU",
+    )
+    p.add_argument(
+        "--sharding",
+        metavar="KIND",
+        help="how the N processes share the model: ddp (default when N > 1), fsdp2, zero1, "
+        "zero2 or zero3 (DeepSpeed, with its default bucket sizes)",
+    )
+    p.add_argument(
         "--measure",
         action="store_true",
         help="also run a few real steps with random weights of the architecture on this "
@@ -405,11 +417,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from tuneoff.measure import measure_arms
     from tuneoff.model import load_arch_config
     from tuneoff.plan import format_plan, gpu_memory_limit, plan_arms, plan_config
+    from tuneoff.sharding import parse_sharding
 
+    sharding = parse_sharding(args.processes, args.sharding)
+    if sharding is not None and args.measure:
+        raise UsageError("--measure runs one process: leave out --processes, or --measure")
     cfg = plan_config(args.preset, args.config, args.overrides, args.model, args.methods)
     limit = gpu_memory_limit(args.gpu_memory)
     arch = load_arch_config(cfg.model)
-    result = plan_arms(cfg, cfg.methods, limit, arch)
+    result = plan_arms(cfg, cfg.methods, limit, arch, sharding)
     if args.measure:
         result["measured"] = measure_arms(cfg, cfg.methods, arch)
     print(json.dumps(result, indent=2) if args.json else format_plan(result))

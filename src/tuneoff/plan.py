@@ -14,7 +14,7 @@ Peak allocated is the largest of three phases:
   optimizer step   = weights + optimizer states + gradients + the step's temporaries
   evaluation       = weights + optimizer states + one evaluation batch's forward
 Reserved adds the caching allocator's slack; a GPU also needs the CUDA context beside it.
-`measure.measure` checks a prediction against real steps (`tuneoff plan --measure`).
+`measure.measure` checks a prediction against real steps; per process of N: `sharding.py`.
 """
 
 from __future__ import annotations
@@ -279,21 +279,29 @@ def _ladder(cfg: Config, runtime: Runtime, pred: Prediction) -> list[tuple[dict,
 
 
 def advise(
-    cfg: Config, arch_config: Any, runtime: Runtime, limit: int, pred: Prediction | None = None
+    cfg: Config,
+    arch_config: Any,
+    runtime: Runtime,
+    limit: int,
+    pred: Prediction | None = None,
+    sharding: Any = None,
 ) -> dict[str, Any]:
     """The cheapest changes, in order, after which the arm fits in `limit` bytes (reserved
-    memory plus the CUDA context on a GPU), and the prediction for them."""
-    pred = pred or predict(cfg, arch_config, runtime, both_checkpointing=False)
+    memory plus the CUDA context on a GPU), and the prediction for them (per process under
+    `sharding.Sharding`)."""
+    from tuneoff.sharding import allows, predict_for
+
+    pred = pred or predict_for(cfg, arch_config, runtime, sharding, both_checkpointing=False)
     changes: list[dict[str, Any]] = []
     while _needs(pred, runtime) > limit:
-        steps = _ladder(cfg, runtime, pred)
+        steps = [s for s in _ladder(cfg, runtime, pred) if allows(cfg.replace(**s[0]), sharding)]
         if not steps:
             break
         change, cost = steps[0]
         cfg = cfg.replace(**change)
         if "precision" in change:
             runtime = planning_runtime(cfg)
-        pred = predict(cfg, arch_config, runtime, both_checkpointing=False)
+        pred = predict_for(cfg, arch_config, runtime, sharding, both_checkpointing=False)
         changes.append({"set": change, "cost": cost, "peak_gib": _needs(pred, runtime) / GIB})
     return {
         "fits": _needs(pred, runtime) <= limit,
@@ -350,24 +358,26 @@ def gpu_memory_limit(gpu_memory: str | None) -> int | None:
 
 
 def plan_arms(
-    cfg: Config, methods: list[str], limit: int | None, arch_config: Any | None = None
+    cfg: Config, methods: list[str], limit: int | None, arch_config: Any = None, sharding=None
 ) -> dict[str, Any]:
-    """Prediction, verdict and advice for each method: what `tuneoff plan` prints."""
+    """Prediction, verdict and advice for each method: what `tuneoff plan` prints; per process
+    under `sharding.Sharding` (None: one process holding the whole model)."""
     from tuneoff.model import load_arch_config
+    from tuneoff.sharding import predict_for
 
     arch_config = arch_config or load_arch_config(cfg.model)
     runtime = planning_runtime(cfg)
     arms = {}
     for method in methods:
         arm_cfg = cfg.replace(method=method)
-        pred = predict(arm_cfg, arch_config, runtime)
+        pred = predict_for(arm_cfg, arch_config, runtime, sharding)
         arm = {"prediction": pred.to_dict(), "needs_gib": _needs(pred, runtime) / GIB}
         if limit is not None:
             arm["fits"] = _needs(pred, runtime) <= limit
             if not arm["fits"]:
-                arm["advice"] = advise(arm_cfg, arch_config, runtime, limit, pred)
+                arm["advice"] = advise(arm_cfg, arch_config, runtime, limit, pred, sharding)
         arms[method] = arm
-    return {
+    result = {
         "model": cfg.model,
         "parameters": _param_count(arch_config),
         "runtime": {
@@ -379,6 +389,10 @@ def plan_arms(
         "cuda_context_gib": CUDA_CONTEXT / GIB if runtime.device == "cuda" else 0.0,
         "arms": arms,
     }
+    if sharding is not None:
+        result["sharding"] = {"kind": sharding.kind, "processes": sharding.processes,
+                              "sharded": sharding.describe()}  # fmt: skip
+    return result
 
 
 def _param_count(arch_config: Any) -> int:
@@ -398,6 +412,7 @@ PLAN_ROWS = (
     ("step_temporaries", "optimizer-step temporaries"),
     ("evaluation", "evaluation batch"),
 )
+SHARDED_ROWS = (("master_weights", "fp32 master weights"), ("communication", "gathered/buckets"))
 
 
 def format_plan(result: dict[str, Any]) -> str:
@@ -421,8 +436,10 @@ def format_plan(result: dict[str, Any]) -> str:
             f"({first['batching']}), {step} examples per optimizer step"
         )
     head += f"\n{micro}, eval batch {first['eval_batch_size']}; every value in GiB"
+    if "sharding" in result:
+        head += f"\n{result['sharding']['sharded']}"
     rows = []
-    for key, label in PLAN_ROWS:
+    for key, label in PLAN_ROWS + (SHARDED_ROWS if "sharding" in result else ()):
         rows.append(
             [label] + [_num(arms[m]["prediction"]["components_gib"][key], 2) for m in names]
         )
