@@ -197,6 +197,8 @@ def test_resume_after_a_max_steps_stop_goes_on_mid_epoch(tiny_model_dir, alpaca_
     rows = [json.loads(x) for x in (Path(cut) / "lora/metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["event"] == "train"]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5]
+    # Each row logs the lr its step used: warmup over 2 steps starts at 0, as HF's schedule does.
+    assert [r["lr"] for r in train_rows[:2]] == [0.0, pytest.approx(5e-3)]
     assert {r["epoch"] for r in train_rows} == {1}  # steps 3-5 are still epoch 1
     summary = json.loads((Path(cut) / "lora/summary.json").read_text())["training"]
     assert len(summary["epoch_times_s"]) == 1 and summary["optimizer_steps"] == 5

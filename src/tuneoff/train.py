@@ -303,6 +303,7 @@ def train(
                 micro = [next(loader) for _ in window]
                 loss, supervised = run_window(model, accelerator, micro, cfg.loss_chunk_size)
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                lr = scheduler.get_last_lr()[0]  # this step's: the scheduler then moves on
                 optimizer.step()
                 if not accelerator.optimizer_step_was_skipped:
                     scheduler.step()
@@ -316,7 +317,7 @@ def train(
                     local = torch.tensor(tokens, device=accelerator.device)
                     tokens = int(accelerator.reduce(local, "sum"))
                 row = {"step": state.step, "epoch": epoch + 1, "loss": loss,
-                       "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                       "lr": lr, "grad_norm": float(grad_norm),
                        "tokens": tokens, "tokens_per_s": tokens / step_s}  # fmt: skip
                 metrics_log.train(row, watch.total_s, device)
             last = state.step == total_steps or state.windows == len(schedule)
