@@ -65,6 +65,11 @@ def test_values_are_coerced_to_field_types():
         (["val_fraction=0.6", "test_fraction=0.5"], "below 1"),
         (["nokey"], "expected key=value"),
         (["bogus.lr=1"], "unknown config key"),
+        (["lr=nan"], "'lr': must be a finite number"),
+        (["lr=inf"], "'lr': must be a finite number"),
+        (["lora_dropout=.nan"], "'lora_dropout': must be a finite number"),
+        (["seed=-1"], "'seed': must be in [0, 2**32)"),
+        (["seed=4294967296"], "'seed'"),
     ],
 )
 def test_bad_values_are_one_line_errors(overrides, fragment):

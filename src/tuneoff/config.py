@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 import types
 import typing
@@ -162,6 +163,8 @@ class Config:
                 raise ConfigError(
                     f"config key '{key}': must be in [0, 1), got {getattr(self, key)}"
                 )
+        if not 0 <= self.seed < 2**32:  # numpy's and the data loader's generators take these
+            raise ConfigError(f"config key 'seed': must be in [0, 2**32), got {self.seed}")
         if self.val_fraction + self.test_fraction >= 1:
             raise ConfigError("config keys 'val_fraction' + 'test_fraction' must be below 1")
         if 0 < self.micro_batch_tokens < self.max_seq_len:
@@ -217,11 +220,16 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
         if kind is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):  # nan passes every range check; inf trains to nan
+                raise ConfigError(f"config key '{key}': must be a finite number, got {value!r}")
+            return number
         if kind is str:
             if isinstance(value, (dict, list)) or value is None:
                 raise ValueError
             return str(value)
+    except ConfigError:
+        raise
     except (TypeError, ValueError):
         name = getattr(kind, "__name__", str(kind))
         raise ConfigError(f"config key '{key}': expected {name}, got {value!r}") from None
