@@ -303,3 +303,25 @@ def test_hub_dataset_offline_gives_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(DataError, match="--dataset ./data.json"):
         load_records("nobody-owns-this/no-such-dataset-tuneoff")
+
+
+def test_files_with_a_byte_order_mark_load(tmp_path):
+    """Excel and Windows tools start UTF-8 files with a BOM: it is not part of the first column."""
+    bom = "\ufeff"
+    (tmp_path / "d.csv").write_text(f"{bom}instruction,input,output\nx,,y\n", encoding="utf-8")
+    (tmp_path / "d.jsonl").write_text(bom + json.dumps({"prompt": "p", "completion": "c"}) + "\n")
+    (tmp_path / "d.json").write_text(bom + json.dumps([{"prompt": "p", "completion": "c"}]))
+    assert load_records(str(tmp_path / "d.csv")) == [
+        {"instruction": "x", "input": "", "output": "y"}
+    ]
+    for name in ("d.jsonl", "d.json"):
+        assert load_records(str(tmp_path / name)) == [{"prompt": "p", "completion": "c"}]
+
+
+@pytest.mark.parametrize("source", ["", "  ", "/"])
+def test_an_empty_or_unreadable_dataset_path_is_one_line(source, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataError) as err:
+        load_records(source)
+    assert "--dataset" in str(err.value) and "\n" not in str(err.value)

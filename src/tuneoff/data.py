@@ -56,6 +56,10 @@ def load_records(source: str, split: str = "train", config_name: str | None = No
         from tuneoff.embedded import generate_records
 
         return generate_records(EMBEDDED_DATASET_SIZE, seed=0)
+    if not source.strip():
+        raise DataError(
+            "--dataset is empty: pass a hub id or a local .json/.jsonl/.csv/.parquet file"
+        )
     path = Path(source).expanduser()
     if path.is_file() or path.suffix.lower() in (".json", ".jsonl", ".csv", ".parquet"):
         records = _load_file(path)
@@ -79,7 +83,7 @@ def _load_file(path: Path) -> list[dict]:
         if suffix == ".json":
             return _read_json(path)
         if suffix == ".csv":
-            with path.open(newline="", encoding="utf-8") as fh:
+            with path.open(newline="", encoding="utf-8-sig") as fh:
                 return [dict(row) for row in csv.DictReader(fh)]
         if suffix == ".parquet":
             return _read_parquet(path)
@@ -102,7 +106,7 @@ def _read_parquet(path: Path) -> list[dict]:
 
 def _read_jsonl(path: Path) -> list[dict]:
     records = []
-    with path.open(encoding="utf-8") as fh:
+    with path.open(encoding="utf-8-sig") as fh:  # -sig: a BOM (Windows tools write one) goes
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -119,7 +123,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _read_json(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
@@ -140,7 +144,8 @@ def _load_hub(source: str, split: str, config_name: str | None) -> list[dict]:
 
     try:
         ds = datasets.load_dataset(source, config_name, split=split)
-    except (FileNotFoundError, ConnectionError, OSError, ValueError) as err:
+    # IndexError: a local directory with no data files datasets can read (e.g. `/`)
+    except (FileNotFoundError, ConnectionError, OSError, ValueError, IndexError) as err:
         first = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
         raise DataError(
             f"dataset {source!r} could not be loaded from the hub or found locally ({first}); "
