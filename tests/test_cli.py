@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -203,3 +204,11 @@ def test_generate_refuses_a_prompt_beyond_the_context(capsys):
     long_prompt = " ".join(["word"] * 2000)  # the embedded model has 512 positions
     code, err = run_cli(["generate", "--model", "embedded:tiny-qwen2", long_prompt], capsys)
     assert_one_line_error(code, err, "context of 512")
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_output_dir_that_cannot_be_created_is_one_line(capsys):
+    """/proc takes no new directories, not even from root (os.access would say yes)."""
+    args = ["train", "--method", "base", "--limit", "20", "--output-dir", "/proc/tuneoff/run"]
+    code, err = run_cli(args, capsys)
+    assert_one_line_error(code, err, "cannot be created")

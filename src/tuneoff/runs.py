@@ -81,7 +81,12 @@ def claim_dir(path: Path, replace: bool, record: dict[str, Any] | None = None) -
     (compare: the launcher it started the arms with, None for one process each)."""
     if replace:
         shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # read-only or pseudo file systems, permissions
+        raise UsageError(
+            f"--output-dir {path}: cannot be created ({err.strerror}); choose a writable place"
+        ) from None
     marker = path / MARKER
     stamp = json.loads(marker.read_text()) if marker.is_file() else {}
     stamp.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S"))
