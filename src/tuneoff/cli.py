@@ -28,7 +28,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="hub id or local directory (config key: model)")
     p.add_argument(
         "--dataset",
-        help="hub id or .json/.jsonl/.csv/.parquet file: instruction/input/output, "
+        help="hub id, local dataset directory or .json/.jsonl/.csv/.parquet file: "
+        "instruction/input/output, "
         "instruction/context/response, prompt/completion, messages or conversations "
         "(key: dataset)",
     )
@@ -36,7 +37,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", help="run directory (default runs/<name>)")
     p.add_argument("--max-steps", type=int, help="stop after N optimizer steps (smoke tests)")
     p.add_argument("--limit", type=int, help="use only the first N examples of the dataset")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing run (train: only this arm of it; the run's split stays)",
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
     p.add_argument(
         "--memory-budget",
