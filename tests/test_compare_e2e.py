@@ -111,6 +111,25 @@ def test_inspect_marks_supervised_tokens(run_dir, capsys):
         assert row["labels"][0] == -100 and row["labels"][-1] == row["input_ids"][-1]
 
 
+def test_inspect_counts_what_the_loss_counts_with_train_on_prompt(run_dir, tmp_path, capsys):
+    """Every token is a label, but the first is predicted from nothing: not counted, as in
+    `batching.supervised_tokens`."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir / "splits", copy / "splits")
+    config = (
+        (run_dir / "config.yaml")
+        .read_text()
+        .replace("train_on_prompt: false", "train_on_prompt: true")
+    )
+    (copy / "config.yaml").write_text(config)
+    assert main(["inspect", str(copy), "--split", "val", "--limit", "1"]) == 0
+    head, tokens = capsys.readouterr().out.splitlines()[:2]
+    total = int(head.split(": ")[1].split(" tokens")[0])
+    assert f"{total - 1} supervised" in head and not tokens.startswith("[")
+
+
 def test_rerun_without_overwrite_is_refused(run_dir, capsys):
     assert main(["compare", "--output-dir", str(run_dir), *REDUCED]) == 2
     assert "--overwrite" in capsys.readouterr().err

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tuneoff.config import Config, ConfigError, parse_overrides, preset_names, resolve
+from tuneoff.config import Config, ConfigError, parse_overrides, parse_size, preset_names, resolve
 
 
 def test_seed_preset_holds_every_reference_value():
@@ -114,3 +114,10 @@ def test_memory_sizes_need_a_unit():
         with pytest.raises(ConfigError, match="no unit"):
             Config(memory_budget=budget)
     assert Config(memory_budget="16GiB").memory_budget == "16GiB"
+
+
+def test_a_size_without_unit_suggests_a_valid_one():
+    with pytest.raises(ConfigError, match="e.g. 16GiB"):  # not "0GiB", which is refused too
+        parse_size("0", "--gpu-memory")
+    with pytest.raises(ConfigError, match="e.g. 24GiB"):
+        parse_size("24", "--gpu-memory")

@@ -241,7 +241,8 @@ def parse_size(text: str | int | float, where: str = "size") -> int:
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
     if match and not match.group(2):
         # A bare number was read as bytes, so `--gpu-memory 16` meant 16 bytes: ask for a unit.
-        raise ConfigError(f"{where}: {text!r} has no unit: give one, e.g. {match.group(1)}GiB")
+        example = match.group(1) if float(match.group(1)) > 0 else "16"
+        raise ConfigError(f"{where}: {text!r} has no unit: give one, e.g. {example}GiB")
     if not match or match.group(2).lower() not in SIZE_UNITS:
         raise ConfigError(
             f"{where}: {text!r} is not a memory size; write it like 16GiB, 24GB or 8000MiB"

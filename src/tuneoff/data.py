@@ -483,10 +483,11 @@ def inspect_examples(path: Path, split: str, limit: int, as_json: bool = False) 
             }
         )
         shown = []
-        for tok, lab in zip(example.input_ids, example.labels):
+        # The first token is never predicted (nothing precedes it), even with train_on_prompt.
+        for pos, (tok, lab) in enumerate(zip(example.input_ids, example.labels)):
             text = tokenizer.decode([tok]).replace("\n", "\\n")
-            shown.append(f"[{text}]" if lab != IGNORE else text)
-        n_sup = sum(lab != IGNORE for lab in example.labels)
+            shown.append(f"[{text}]" if lab != IGNORE and pos else text)
+        n_sup = sum(lab != IGNORE for lab in example.labels[1:])
         out.append(
             f"--- {split}[{i}]: {len(example.input_ids)} tokens, {n_sup} supervised "
             f"(in [brackets]), truncated: {'yes' if example.truncated else 'no'}"
