@@ -227,3 +227,20 @@ def test_a_resume_keeps_the_arms_settings_and_a_failed_one_loses_nothing(
     summary = (done / "lora" / "summary.json").read_text()
     assert main([*args, "--output-dir", str(done), "--resume", "max_seq_len=4"]) == 2
     assert (done / "lora" / "summary.json").read_text() == summary
+
+
+def test_without_a_validation_split_the_summary_is_strict_json(tmp_path):
+    """val_fraction=0: no val metrics (null, shown as -) rather than NaN, which is not JSON."""
+    out = tmp_path / "run"
+    args = ["train", "--method", "lora", "--limit", "60", "--max-steps", "1", "--output-dir",
+            str(out), "val_fraction=0", "gen_examples=0", "eval_every=1"]  # fmt: skip
+    assert main(args) == 0
+
+    def refuse(name: str):
+        raise ValueError(f"{name} in summary.json")
+
+    summary = json.loads((out / "lora" / "summary.json").read_text(), parse_constant=refuse)
+    assert summary["metrics"]["val"]["examples"] == 0 and summary["metrics"]["val"]["loss"] is None
+    assert summary["metrics"]["test"]["loss"] > 0
+    rows = [json.loads(x) for x in (out / "lora" / "metrics.jsonl").read_text().splitlines()]
+    assert not [r for r in rows if r["event"] == "eval"]

@@ -27,12 +27,16 @@ from tuneoff.loss import forward_stats
 from tuneoff.measure import Stopwatch
 
 
-def summarize(total_loss: float, correct: int, tokens: int) -> dict[str, float]:
-    loss = total_loss / tokens if tokens else float("nan")
+def summarize(total_loss: float, correct: int, tokens: int) -> dict[str, float | None]:
+    """Per-token metrics; None (JSON null, shown as -) for a split without tokens (e.g.
+    val_fraction=0), where NaN would not be JSON."""
+    if not tokens:
+        return dict.fromkeys(("loss", "perplexity", "token_accuracy", "bits_per_token"))
+    loss = total_loss / tokens
     return {
         "loss": loss,
         "perplexity": math.exp(loss) if loss < 700 else float("inf"),
-        "token_accuracy": correct / tokens if tokens else float("nan"),
+        "token_accuracy": correct / tokens,
         "bits_per_token": loss / math.log(2),
     }
 
@@ -84,7 +88,7 @@ def evaluate(
         "supervised_tokens": int(supervised),
         "tokens": int(seen),
         "eval_time_s": elapsed,
-        "tokens_per_s": seen / elapsed if elapsed else float("nan"),
+        "tokens_per_s": seen / elapsed if elapsed else None,
     }
 
 
@@ -161,7 +165,7 @@ def generate_answers(
     timing = {
         "generation_time_s": watch.total_s,
         "generated_tokens": new_tokens,
-        "generation_tokens_per_s": new_tokens / watch.total_s if watch.total_s else float("nan"),
+        "generation_tokens_per_s": new_tokens / watch.total_s if watch.total_s else None,
     }
     return answers, timing
 
@@ -169,7 +173,7 @@ def generate_answers(
 def exact_match(records: list[dict], answers: list[str]) -> float:
     """Share of answers equal to the reference response, whitespace stripped at both ends."""
     hits = sum(a.strip() == response_text(r).strip() for r, a in zip(records, answers))
-    return hits / len(records) if records else float("nan")
+    return hits / len(records) if records else None
 
 
 def evaluate_splits(model, data: dict, cfg: Any, device: str, pad_id: int) -> dict[str, Any]:
@@ -213,7 +217,7 @@ def evaluate_generation(model, tokenizer, records, cfg: Any, device: str, arm_di
         timing = {
             "generation_time_s": seconds,
             "generated_tokens": tokens,
-            "generation_tokens_per_s": tokens / seconds if seconds else float("nan"),
+            "generation_tokens_per_s": tokens / seconds if seconds else None,
         }
     if rank == 0:
         with (arm_dir / "generations.jsonl").open("w") as fh:

@@ -397,12 +397,12 @@ def _training_summary(state: TrainState, total: int, per_epoch: int) -> dict:
         "planned_steps": total,
         "steps_per_epoch": per_epoch,
         "epochs_completed": epochs,
-        "time_per_epoch_s": train_s / epochs if epochs else float("nan"),
+        "time_per_epoch_s": train_s / epochs if epochs else None,
         "epoch_times_s": state.epoch_times_s,
         "train_time_s": train_s,
         "train_tokens": state.tokens,
         "train_supervised_tokens": state.supervised_tokens,
-        "train_tokens_per_s": state.tokens / train_s if train_s else float("nan"),
+        "train_tokens_per_s": state.tokens / train_s if train_s else None,
         "train_supervised_tokens_per_s": state.supervised_tokens / train_s if train_s else 0.0,
         "padding_fraction": 1 - state.tokens / state.slots if state.slots else 0.0,
     }
@@ -432,6 +432,8 @@ class MetricsLog:
         self.write({"event": "train", **row, "time_s": time_s, "memory_gib": memory_gib})
 
     def eval(self, model, examples, cfg, device, pad_id, step: int, epoch: int) -> None:
+        if not examples:  # val_fraction=0: nothing to log
+            return
         batches = eval_batches(examples, cfg.eval_batch_size, pad_id)
         result = evaluate(model, batches, device, cfg.loss_chunk_size)
         self.write({"event": "eval", "split": "val", "step": step, "epoch": epoch, **result})
