@@ -77,3 +77,13 @@ def test_the_report_says_how_many_processes_trained_each_arm_only_when_several_d
     several = {**one, "full": {**arm("full"), "runtime": {"world_size": 2, "distributed": "fsdp2"}}}
     rows = {r[0]: r[1:] for r in resources_rows(several)}
     assert rows["Processes"] == ["1", "2 (fsdp2; memory is one process's)"]
+
+
+def test_an_arm_without_its_summary_is_named_not_silently_left_out(tmp_path, caplog):
+    run = tmp_path / "run"
+    write_run(run, lora=json.dumps(arm("lora")))
+    (run / "full").mkdir()  # killed before it wrote summary.json
+    with caplog.at_level(logging.WARNING):
+        assert main(["report", str(run)]) == 0
+    assert "full: no summary.json" in (run / "report.md").read_text()
+    assert "report leaves out full" in caplog.text

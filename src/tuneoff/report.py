@@ -394,6 +394,16 @@ def write_report(run_dir: Path) -> tuple[Path, str]:
     deployment = deployment_section(run_dir)
     if deployment:
         parts += ["## Deployment", deployment]
+    missing = [
+        arm for arm in ARM_ORDER if (run_dir / arm).is_dir() and arm not in summaries
+    ]  # an arm still running, or stopped before it wrote its summary
+    if missing:
+        log.warning("report leaves out %s: no summary.json", ", ".join(missing))
+        parts += [
+            "## Not in this report",
+            "\n".join(f"- {arm}: no summary.json (still running, or stopped before it "
+                       f"finished); rerun it: `{_rerun_arm(run_dir, arm)}`" for arm in missing),
+        ]  # fmt: skip
     parts += ["## Data", data_section(any_arm)]
     parts += ["## Confounds", confound_section(summaries)]
     if plot:
