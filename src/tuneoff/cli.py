@@ -339,8 +339,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from tuneoff.engine import choose_device
     from tuneoff.merge import check_merge_options, format_merge, merge_adapter
 
-    out = Path(args.out)
-    check_merge_options(out, args.overwrite, args.examples, args.tolerance)
+    out = check_merge_options(args.out, args.overwrite, args.examples, args.tolerance)
     device = choose_device(args.device)[0]
     print(f"tuneoff merge: {args.source} -> {out} (checking on {device})", flush=True)
     quantized = True if args.base_4bit else None  # None: as the arm's method says
