@@ -90,7 +90,7 @@ def server(adapters, tmp_path_factory):
     port = srv.servers[0].sockets[0].getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
-    yield SimpleNamespace(url=url, client=client, engine=engine)
+    yield SimpleNamespace(url=url, client=client, engine=engine, adapters_dir=adapters_dir)
     srv.should_exit = True
     thread.join(timeout=30)
     assert not thread.is_alive(), "the server did not shut down"
@@ -264,6 +264,43 @@ def test_admin_endpoints_need_the_key_and_stay_in_the_adapters_dir(server, expec
     assert status == 200 and "extra" not in reply["models"]
     with pytest.raises(openai.NotFoundError):
         ask(server.client, "extra", "hi")
+
+
+DAMAGED = [  # a damaged adapter file, what it holds, and what the error says of it
+    ("adapter_model.safetensors", b"not a safetensors file", "is not a readable safetensors"),
+    ("adapter_config.json", b"{bad", "is not valid JSON"),
+    ("adapter_config.json", b"[1]", "holds a JSON list"),
+]
+
+
+@pytest.mark.parametrize("file, content, fragment", DAMAGED, ids=["weights", "json", "list"])
+def test_a_damaged_adapter_is_a_400_and_a_one_line_error(
+    server, file, content, fragment, capsys, tmp_path
+):
+    """Loading it at runtime was a 500; `generate` and `serve` tracebacks."""
+    name = f"damaged-{len(content)}"
+    damaged = server.adapters_dir / name
+    shutil.copytree(server.adapters_dir / "extra", damaged)
+    (damaged / file).write_bytes(content)
+    body = json.dumps({"name": name}).encode()
+    status, reply = post(f"{server.url}/v1/adapters", body, key=ADMIN_KEY)
+    assert status == 400 and f"{file} {fragment}" in reply["error"]["message"], reply
+    assert name not in server.engine.names()
+    for argv in (
+        ["generate", "--model", EMBEDDED_MODEL, "--adapter", str(damaged), "hi"],
+        ["serve", "--model", EMBEDDED_MODEL, "--adapter", f"d={damaged}"],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("tuneoff: error:") == 1 and f"{file} {fragment}" in err, err
+    shutil.rmtree(damaged)  # the adapters dir is the server's, shared by other tests
+
+
+def test_an_adapter_of_another_base_says_what_does_not_fit(adapters, tiny_model_dir):
+    """The message stopped at torch's heading "Error(s) in loading state_dict for ...:"."""
+    engine = Engine(str(tiny_model_dir), device="cpu")  # hidden size 32, the adapters' 128
+    with pytest.raises(ModelError, match=r"does not fit this base: Error.*: size mismatch for"):
+        engine.load_adapter("sql", adapters["sql"])
 
 
 def test_admin_endpoints_do_not_exist_without_a_key(server):

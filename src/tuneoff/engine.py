@@ -86,13 +86,54 @@ def find_adapter_dir(path: Path) -> Path:
 
 
 def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    path = adapter_dir / "adapter_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelError(
+            f"{path} is not valid JSON ({err}): restore it, or save the adapter again"
+        ) from None
+    if not isinstance(config, dict):
+        raise ModelError(
+            f"{path} holds a JSON {type(config).__name__}, not an object of LoRA settings: "
+            "restore it, or save the adapter again"
+        )
     if config.get("peft_type") != "LORA":
         raise ModelError(
             f"adapter {adapter_dir}: peft_type {config.get('peft_type')!r}; only LoRA adapters "
             "can be merged or served"
         )
     return config
+
+
+def check_adapter(adapter_dir: Path) -> dict[str, Any]:
+    """The adapter's config, after checking that its weights file is readable safetensors (its
+    header and size, without loading a tensor), so that a damaged adapter is a ModelError naming
+    the file before any model is loaded."""
+    from safetensors import SafetensorError, safe_open
+
+    config = read_adapter_config(adapter_dir)
+    path = adapter_dir / "adapter_model.safetensors"
+    try:
+        with safe_open(path, framework="pt") as weights:
+            weights.keys()
+    except SafetensorError as err:
+        raise ModelError(
+            f"{path} is not a readable safetensors file ({error_detail(err)}): restore it, or "
+            "train the adapter again"
+        ) from None
+    return config
+
+
+def error_detail(err: BaseException, width: int = 300) -> str:
+    """An exception's message on one line: its first line, and when that only announces a list
+    (torch's "Error(s) in loading state_dict for X:"), the first item of the list too."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    if lines[0].endswith(":") and len(lines) > 1:
+        return f"{lines[0]} {lines[1]}"[:width]
+    return lines[0][:width]
 
 
 def arm_config(adapter_dir: Path) -> dict[str, Any]:
@@ -251,7 +292,7 @@ class Engine:
         if name == self.base_name or name in self.adapters:
             raise ModelError(f"adapter name {name!r} is already served; choose another name")
         adapter_dir = find_adapter_dir(Path(path))
-        read_adapter_config(adapter_dir)
+        check_adapter(adapter_dir)
         with self._lock:
             try:
                 if isinstance(self.model, PeftModel):
@@ -261,8 +302,9 @@ class Engine:
                         self.model, adapter_dir, adapter_name=name, is_trainable=False
                     )
             except (RuntimeError, ValueError, KeyError) as err:  # shapes or modules of another base
-                first = (str(err).splitlines() or [type(err).__name__])[0][:200]
-                raise ModelError(f"adapter {adapter_dir} does not fit this base: {first}") from None
+                raise ModelError(
+                    f"adapter {adapter_dir} does not fit this base: {error_detail(err)}"
+                ) from None
             self.model.eval()
             self.adapters[name] = adapter_dir
             self._current = None
@@ -399,6 +441,8 @@ def generation_model(model: str | None, adapter: str | None) -> tuple[str, dict[
     """The base model of `tuneoff generate` (--model, else the adapter's base) and its adapter,
     named "adapter"."""
     adapters = {"adapter": find_adapter_dir(Path(adapter))} if adapter else {}
+    for adapter_dir in adapters.values():  # before a model is loaded
+        check_adapter(adapter_dir)
     model = arm_model(model) or (base_model_of(adapters["adapter"]) if adapters else None)
     if not model:
         raise UsageError("pass --model (the base model), --adapter, or both")

@@ -27,8 +27,9 @@ from tuneoff.engine import (
     DTYPES,
     arm_config,
     base_model_of,
+    check_adapter,
+    error_detail,
     find_adapter_dir,
-    read_adapter_config,
 )
 from tuneoff.model import ModelError, check_model, load_tokenizer, resolve_model_path
 from tuneoff.runs import UsageError, check_not_a_file
@@ -149,8 +150,9 @@ def with_adapter(base: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
     try:
         return PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as err:
-        first = (str(err).splitlines() or [type(err).__name__])[0][:200]
-        raise ModelError(f"adapter {adapter_dir} does not fit this base model: {first}") from None
+        raise ModelError(
+            f"adapter {adapter_dir} does not fit this base model: {error_detail(err)}"
+        ) from None
 
 
 def _free() -> None:
@@ -214,7 +216,7 @@ def merge_adapter(
     a weight is not finite, or the written model reads back different. `quantized` (default:
     the arm's method is qlora) merges onto the dequantized 4-bit base."""
     adapter_dir = find_adapter_dir(source)
-    read_adapter_config(adapter_dir)
+    check_adapter(adapter_dir)
     base = model or base_model_of(adapter_dir)
     check_model(base)
     if quantized is None:

@@ -33,6 +33,7 @@ from tuneoff.engine import (
     adapter_in_dir,
     arm_model,
     base_model_of,
+    check_adapter,
     check_adapter_name,
     find_adapter_dir,
     scan_adapters_dir,
@@ -409,6 +410,7 @@ def _adapter_args(items: list[str]) -> dict[str, Path]:
         if name in adapters:
             raise UsageError(f"--adapter {name!r} given twice: choose distinct names")
         adapters[check_adapter_name(name)] = find_adapter_dir(Path(path))
+        check_adapter(adapters[name])  # before a model is loaded
     return adapters
 
 
