@@ -364,6 +364,19 @@ def test_serve_command_line(adapters, tmp_path, monkeypatch, capsys):
         assert fragment in capsys.readouterr().err
 
 
+def test_a_full_arm_is_served_by_the_name_given(adapters, tmp_path, monkeypatch):
+    """`--model runs/x/full` is named `full` (README: "--model as given, a local directory by
+    its name"), not `model`, the directory inside the arm that holds the weights."""
+    import tuneoff.serve
+
+    seen = {}
+    monkeypatch.setattr(tuneoff.serve, "serve", lambda *a: seen.update(args=a))
+    shutil.copytree(TINY_MODEL_DIR, tmp_path / "full" / "model")
+    argv = ["serve", "--model", str(tmp_path / "full"), "--adapter", f"sql={adapters['sql']}"]
+    assert main([*argv, "--device", "cpu"]) == 0
+    assert seen["args"][0].names() == ["full", "sql"]
+
+
 def test_serve_without_the_serve_extra_is_a_one_line_error(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed
     assert main(["serve", "--model", EMBEDDED_MODEL]) == 2

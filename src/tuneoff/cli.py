@@ -384,14 +384,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if err.name not in ("fastapi", "uvicorn", "starlette", "pydantic"):
             raise
         raise UsageError(f"tuneoff serve needs {err.name}: pip install 'tuneoff[serve]'") from None
-    from tuneoff.engine import Engine
+    from tuneoff.engine import Engine, model_name
 
     model, adapters, root = serve.served_models(args.model, args.adapter, args.adapters_dir)
+    # named by --model as given: a full arm's directory (runs/x/full), not the model inside it
+    base_name = args.base_name or (model_name(args.model) if args.model else None)
     limits = serve.server_limits(
         args.max_tokens_cap, args.max_prompt_tokens, args.max_body_bytes, args.port
     )
     admin_key = os.environ.get("TUNEOFF_ADMIN_KEY") or None
-    engine = Engine(model, adapters, args.device, args.dtype, base_name=args.base_name)
+    engine = Engine(model, adapters, args.device, args.dtype, base_name=base_name)
     print(serve.banner(engine, args.host, args.port, admin_key))
     serve.serve(engine, args.host, args.port, limits, admin_key, root)
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import os
 import re
 import threading
 from collections import Counter
@@ -161,6 +162,12 @@ def arm_model(model: str | None) -> str | None:
     return model
 
 
+def model_name(model: str) -> str:
+    """The name a model is served under: a local directory by its name (of `.` too), never its
+    path; a hub id as given."""
+    return Path(os.path.abspath(model)).name if Path(model).is_dir() else model
+
+
 def adapter_in_dir(root: Path, relative: str) -> Path:
     """`root/relative` as an adapter directory that provably stays inside `root`: no absolute
     paths, no '..', and no symlink (of the directory or of its files) resolving outside."""
@@ -252,8 +259,7 @@ class Engine:
 
         check_model(model)
         self.device, self.dtype = choose_device(device, dtype)
-        # a local directory is served under its name, never its path
-        self.base_name = base_name or (Path(model).name if Path(model).is_dir() else model)
+        self.base_name = base_name or model_name(model)
         self.steps_per_turn = steps_per_turn
         self.tokenizer = load_tokenizer(model)
         self.model = AutoModelForCausalLM.from_pretrained(
