@@ -235,6 +235,24 @@ def test_limits_are_4xx_naming_the_limit(server):
         assert body["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    "change, param",
+    [
+        ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages.0.content"),
+        ({"stop": ["ok", "\udce9"]}, "stop.1"),
+    ],
+    ids=["content", "stop"],
+)
+def test_unusable_values_are_400_naming_the_field(server, change, param):
+    """A lone surrogate (JSON may escape one) reached the tokenizer: a 500."""
+    body = {"model": "sql", "messages": [{"role": "user", "content": "hi"}], "temperature": 1}
+    status, reply = post(
+        f"{server.url}/v1/chat/completions", json.dumps({**body, **change}).encode()
+    )
+    assert status == 400, reply
+    assert reply["error"]["param"] == param and reply["error"]["message"].startswith(param)
+
+
 def test_the_server_keeps_serving_after_bad_requests(server, expected):
     for bad in (b"{oops", b'{"model": "../../etc"}'):
         post(f"{server.url}/v1/chat/completions", bad)

@@ -352,10 +352,20 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from tuneoff.engine import Engine, generation_model, generation_prompt_ids, generation_sampling
+    from tuneoff.engine import (
+        Engine,
+        check_generation_text,
+        generation_model,
+        generation_prompt_ids,
+        generation_sampling,
+    )
 
     model, adapters = generation_model(args.model, args.adapter)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    try:
+        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    except UnicodeDecodeError as err:  # a strict stdin; else the bytes become lone surrogates
+        raise UsageError(f"stdin is not {err.encoding} text ({err}): pass UTF-8 text") from None
+    check_generation_text(prompt, args.system)  # before a model is loaded
     sampling = generation_sampling(
         args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed
     )

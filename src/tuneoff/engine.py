@@ -137,6 +137,19 @@ def error_detail(err: BaseException, width: int = 300) -> str:
     return lines[0][:width]
 
 
+def unicode_problem(text: str) -> str | None:
+    """Why `text` cannot be tokenized, or None: a lone surrogate, which is what a JSON escape
+    like "\\ud800" or a non-UTF-8 byte (argv and stdin decode with surrogateescape) becomes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        code = ord(text[err.start])
+        byte = f", the non-UTF-8 byte 0x{code - 0xDC00:02X}" if 0xDC80 <= code <= 0xDCFF else ""
+        where = f"at character {err.start}"
+        return f"not valid Unicode text (a lone surrogate U+{code:04X}{byte}, {where})"
+    return None
+
+
 def arm_config(adapter_dir: Path) -> dict[str, Any]:
     """The arm's config.yaml (model, method) when the adapter sits in a tuneoff arm dir."""
     from tuneoff.config import read_yaml
@@ -471,8 +484,17 @@ def generation_sampling(
     )
 
 
+def check_generation_text(prompt: str, system: str | None) -> None:
+    """The prompt and system message of `tuneoff generate` as text a tokenizer can encode."""
+    for what, text in (("the prompt", prompt), ("--system", system or "")):
+        problem = unicode_problem(text)
+        if problem:
+            raise UsageError(f"{what} is {problem}: pass UTF-8 text")
+
+
 def generation_prompt_ids(engine: Engine, prompt: str, system: str | None, raw: bool) -> list[int]:
     """The prompt as is (`raw`) or in the chat template after an optional system message."""
+    check_generation_text(prompt, system)
     messages = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": prompt})
     ids = engine.text_ids(prompt) if raw else engine.chat_prompt_ids(messages)

@@ -37,6 +37,7 @@ from tuneoff.engine import (
     check_adapter_name,
     find_adapter_dir,
     scan_adapters_dir,
+    unicode_problem,
 )
 from tuneoff.model import ModelError
 from tuneoff.runs import UsageError
@@ -119,9 +120,31 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ApiError(400, f"malformed JSON body: {err}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the JSON body nests too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the JSON body must be an object", code="invalid_json")
+    check_text(data)
     return data
+
+
+def check_text(data: Any) -> None:
+    """Refuse a string anywhere in the body that is not valid Unicode: JSON may escape a lone
+    surrogate ("\\ud800"), which no tokenizer can encode. Walked without recursion, as deep as
+    json.loads nests."""
+    stack = [("", data)]
+    while stack:
+        where, value = stack.pop()
+        texts = [value] if isinstance(value, str) else []
+        texts += list(value) if isinstance(value, dict) else []  # keys, named by their object
+        for text in texts:
+            problem = unicode_problem(text)
+            if problem:
+                raise ApiError(400, f"{where or 'body'}: {problem}", where or None, "invalid_value")
+        if isinstance(value, dict):
+            stack += [(f"{where}.{k}" if where else k, v) for k, v in reversed(value.items())]
+        elif isinstance(value, list):
+            stack += [(f"{where}.{i}", v) for i, v in reversed(list(enumerate(value)))]
 
 
 def parse(schema: type[BaseModel], data: dict[str, Any]) -> Any:
