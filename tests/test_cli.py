@@ -140,10 +140,19 @@ def test_overrides_may_follow_options_and_unknown_options_stay_errors(capsys):
         (["bench", "--model", "embedded:tiny-qwen2", "--seq-len", "0"], "--seq-len"),
         (["generate", "--model", "embedded:tiny-qwen2", "hi", "--temperature", "1",
           "--top-k", "-1"], "--top-k"),
+        # NaN and infinity passed every range check (NaN compares false), then failed sampling
+        (["generate", "--model", "embedded:tiny-qwen2", "hi", "--temperature", "nan"],
+         "--temperature nan"),
+        (["generate", "--model", "embedded:tiny-qwen2", "hi", "--temperature", "inf"],
+         "--temperature inf"),
+        (["generate", "--model", "embedded:tiny-qwen2", "hi", "--top-p", "nan"], "--top-p nan"),
+        (["generate", "--model", "embedded:tiny-qwen2", "hi", "--temperature", "1",
+          "--seed", str(10**23)], "--seed"),  # was torch's overflow
         # argv decodes a non-UTF-8 byte to a lone surrogate, which the tokenizer cannot take
         (["generate", "--model", "embedded:tiny-qwen2", "caf\udce9"], "byte 0xE9"),
         (["generate", "--model", "embedded:tiny-qwen2", "--system", "\udcff", "hi"],
          "--system is not valid Unicode"),
+        (["generate", "--model", "embedded:tiny-qwen2", "--raw", ""], "the prompt is empty"),
         (["compare", "--config", "."], "is a directory"),
     ],
 )  # fmt: skip

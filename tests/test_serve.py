@@ -238,13 +238,16 @@ def test_limits_are_4xx_naming_the_limit(server):
 @pytest.mark.parametrize(
     "change, param",
     [
+        ({"seed": 10**23}, "seed"),  # was torch's "Overflow when unpacking long long"
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": float("inf")}, "top_p"),
         ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages.0.content"),
         ({"stop": ["ok", "\udce9"]}, "stop.1"),
     ],
-    ids=["content", "stop"],
+    ids=["seed", "temperature", "top_p", "content", "stop"],
 )
 def test_unusable_values_are_400_naming_the_field(server, change, param):
-    """A lone surrogate (JSON may escape one) reached the tokenizer: a 500."""
+    """A lone surrogate (JSON may escape one) reached the tokenizer; each was a 500."""
     body = {"model": "sql", "messages": [{"role": "user", "content": "hi"}], "temperature": 1}
     status, reply = post(
         f"{server.url}/v1/chat/completions", json.dumps({**body, **change}).encode()

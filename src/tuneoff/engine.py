@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SEEDS = range(-(2**63), 2**64)  # what torch.Generator.manual_seed accepts
 
 
 class UnknownModel(KeyError):
@@ -471,10 +473,16 @@ def generation_model(model: str | None, adapter: str | None) -> tuple[str, dict[
 def generation_sampling(
     max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None
 ) -> Sampling:
-    if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
-        raise UsageError("need --max-new-tokens >= 1, --temperature >= 0, 0 < --top-p <= 1")
+    if max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens {max_new_tokens}: must be >= 1")
+    if not 0 <= temperature < math.inf:  # written so that NaN fails (NaN compares false)
+        raise UsageError(f"--temperature {temperature}: must be a finite number >= 0 (0: greedy)")
+    if not 0 < top_p <= 1:
+        raise UsageError(f"--top-p {top_p}: must be above 0 and at most 1")
     if top_k < 0:
         raise UsageError(f"--top-k {top_k}: must be >= 0 (0: no top-k cut)")
+    if seed is not None and seed not in SEEDS:
+        raise UsageError(f"--seed {seed}: must be from -2**63 to 2**64-1")
     return Sampling(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -498,6 +506,8 @@ def generation_prompt_ids(engine: Engine, prompt: str, system: str | None, raw: 
     messages = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": prompt})
     ids = engine.text_ids(prompt) if raw else engine.chat_prompt_ids(messages)
+    if not ids:
+        raise UsageError("the prompt is empty (--raw adds no template): pass some text")
     if len(ids) >= engine.context:  # as serve refuses it (prompt_too_long)
         raise UsageError(
             f"the prompt has {len(ids)} tokens, at or over the model's context of "
