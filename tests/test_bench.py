@@ -155,27 +155,34 @@ def test_arms_take_the_same_examples_per_step_under_a_token_budget():
 
 
 def test_repeats_interleave_arm_processes(tiny_config, tmp_path, capfd):
+    """Also: one step without warm-up (--warmup-steps 0) is timed in TRL as in tuneoff's arms
+    (it divided by zero, its clock starting at the end of the first step)."""
     from tuneoff.cli import main
 
+    pytest.importorskip("trl")
     work = tmp_path / "bench"
     argv = ["bench", "--model", str(tiny_config), "--steps", "1", "--warmup-steps", "0"]
-    argv += ["--methods", "lora", "--baselines", "seed", "--repeats", "2", "--seq-len", "64"]
+    argv += ["--methods", "lora", "--baselines", "trl", "--repeats", "2", "--seq-len", "64"]
     argv += ["--work-dir", str(work), "--device", "cpu", "batch_size=4", "grad_accum=1"]
     assert main(argv) == 0
     report = json.loads((work / "bench.json").read_text())
     assert report["repeats"] == 2
     for arm in report["arms"]:
+        assert arm["status"] == "ok", arm.get("reason")
         assert len(arm["runs_supervised_tokens_per_s"]) == 2
         assert arm["supervised_tokens_per_s"] in arm["runs_supervised_tokens_per_s"]
+        assert arm["time_s"] > 0 and len(arm["batch_shapes"]) == 1
+    lora, trl = report["arms"]
+    assert lora["supervised_tokens"] == trl["supervised_tokens"]  # the same step measured
     started = [line for line in capfd.readouterr().err.splitlines() if line.startswith("== ")]
-    assert started == ["== lora.1", "== seed.1", "== lora.2", "== seed.2"]  # interleaved
+    assert started == ["== lora.1", "== trl.1", "== lora.2", "== trl.2"]  # interleaved
     assert sorted(p.name for p in work.glob("*.json") if ".spec" not in p.name) == [
         "bench.json",
         "examples.json",
         "lora.1.json",
         "lora.2.json",
-        "seed.1.json",
-        "seed.2.json",
+        "trl.1.json",
+        "trl.2.json",
     ]
 
 

@@ -3,6 +3,7 @@ and run directories that are never overwritten by accident."""
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -140,12 +141,33 @@ def test_overrides_may_follow_options_and_unknown_options_stay_errors(capsys):
         (["bench", "--model", "embedded:tiny-qwen2", "--seq-len", "0"], "--seq-len"),
         (["generate", "--model", "embedded:tiny-qwen2", "hi", "--temperature", "1",
           "--top-k", "-1"], "--top-k"),
+        # NaN and infinity passed every range check (NaN compares false), then failed sampling
+        (["generate", "--model", "embedded:tiny-qwen2", "hi", "--temperature", "nan"],
+         "--temperature nan"),
+        (["generate", "--model", "embedded:tiny-qwen2", "hi", "--temperature", "inf"],
+         "--temperature inf"),
+        (["generate", "--model", "embedded:tiny-qwen2", "hi", "--top-p", "nan"], "--top-p nan"),
+        (["generate", "--model", "embedded:tiny-qwen2", "hi", "--temperature", "1",
+          "--seed", str(10**23)], "--seed"),  # was torch's overflow
+        # argv decodes a non-UTF-8 byte to a lone surrogate, which the tokenizer cannot take
+        (["generate", "--model", "embedded:tiny-qwen2", "caf\udce9"], "byte 0xE9"),
+        (["generate", "--model", "embedded:tiny-qwen2", "--system", "\udcff", "hi"],
+         "--system is not valid Unicode"),
+        (["generate", "--model", "embedded:tiny-qwen2", "--raw", ""], "the prompt is empty"),
         (["compare", "--config", "."], "is a directory"),
     ],
 )  # fmt: skip
 def test_out_of_range_options_are_one_line_errors(argv, fragment, capsys):
     code, err = run_cli(argv, capsys)
     assert_one_line_error(code, err, fragment)
+
+
+@pytest.mark.parametrize("errors", ["surrogateescape", "strict"])
+def test_generate_refuses_stdin_that_is_not_utf8(errors, capsys, monkeypatch):
+    stdin = io.TextIOWrapper(io.BytesIO(b"\xff\xfe"), encoding="utf-8", errors=errors)
+    monkeypatch.setattr(sys, "stdin", stdin)
+    code, err = run_cli(["generate", "--model", "embedded:tiny-qwen2", "-"], capsys)
+    assert_one_line_error(code, err, "byte 0xFF" if errors == "surrogateescape" else "stdin")
 
 
 def test_serve_port_out_of_range_is_a_one_line_error(capsys, monkeypatch):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,6 +110,40 @@ def test_nan_in_the_adapter_is_refused_and_nothing_written(run_dir, tmp_path):
     with pytest.raises(ModelError, match="NaN"):
         merge_adapter(adapter, tmp_path / "out", model="embedded:tiny-qwen2")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+DAMAGED = [  # a damaged adapter file, what it holds, and what the one-line error says of it
+    ("adapter_model.safetensors", b"not a safetensors file", "is not a readable safetensors"),
+    ("adapter_config.json", b"{bad", "is not valid JSON"),
+    ("adapter_config.json", b"[1]", "holds a JSON list"),
+]
+
+
+@pytest.mark.parametrize("name, content, fragment", DAMAGED, ids=["weights", "json", "list"])
+def test_a_damaged_adapter_is_a_one_line_error(name, content, fragment, run_dir, tmp_path, capsys):
+    """Was a traceback from safetensors, json or `.get` on a list."""
+    arm = tmp_path / "lora"
+    shutil.copytree(run_dir / "lora", arm)
+    (arm / "adapter" / name).write_bytes(content)
+    assert main(["merge", str(arm), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("tuneoff: error:") == 1 and "Traceback" not in err
+    assert f"{arm / 'adapter' / name} {fragment}" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+@pytest.mark.parametrize(
+    "out, fragment",
+    [("", "--out is empty"), ("/proc/tuneoff-merge/out", "cannot be created")],
+)
+def test_an_out_that_cannot_be_a_directory_is_a_one_line_error(out, fragment, run_dir, capsys):
+    """`--out ''` said ". already exists"; /proc takes no directories, not even from root (a
+    mkdir traceback after the whole merge was computed)."""
+    if out.startswith("/proc") and not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux's /proc")
+    assert main(["merge", str(run_dir / "lora"), "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tuneoff: error:") and fragment in err and len(err.splitlines()) == 1
 
 
 def test_overwrite_rules_and_bf16_output(run_dir, tmp_path, capsys):

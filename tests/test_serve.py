@@ -90,7 +90,7 @@ def server(adapters, tmp_path_factory):
     port = srv.servers[0].sockets[0].getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
-    yield SimpleNamespace(url=url, client=client, engine=engine)
+    yield SimpleNamespace(url=url, client=client, engine=engine, adapters_dir=adapters_dir)
     srv.should_exit = True
     thread.join(timeout=30)
     assert not thread.is_alive(), "the server did not shut down"
@@ -235,6 +235,27 @@ def test_limits_are_4xx_naming_the_limit(server):
         assert body["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    "change, param",
+    [
+        ({"seed": 10**23}, "seed"),  # was torch's "Overflow when unpacking long long"
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": float("inf")}, "top_p"),
+        ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages.0.content"),
+        ({"stop": ["ok", "\udce9"]}, "stop.1"),
+    ],
+    ids=["seed", "temperature", "top_p", "content", "stop"],
+)
+def test_unusable_values_are_400_naming_the_field(server, change, param):
+    """A lone surrogate (JSON may escape one) reached the tokenizer; each was a 500."""
+    body = {"model": "sql", "messages": [{"role": "user", "content": "hi"}], "temperature": 1}
+    status, reply = post(
+        f"{server.url}/v1/chat/completions", json.dumps({**body, **change}).encode()
+    )
+    assert status == 400, reply
+    assert reply["error"]["param"] == param and reply["error"]["message"].startswith(param)
+
+
 def test_the_server_keeps_serving_after_bad_requests(server, expected):
     for bad in (b"{oops", b'{"model": "../../etc"}'):
         post(f"{server.url}/v1/chat/completions", bad)
@@ -264,6 +285,43 @@ def test_admin_endpoints_need_the_key_and_stay_in_the_adapters_dir(server, expec
     assert status == 200 and "extra" not in reply["models"]
     with pytest.raises(openai.NotFoundError):
         ask(server.client, "extra", "hi")
+
+
+DAMAGED = [  # a damaged adapter file, what it holds, and what the error says of it
+    ("adapter_model.safetensors", b"not a safetensors file", "is not a readable safetensors"),
+    ("adapter_config.json", b"{bad", "is not valid JSON"),
+    ("adapter_config.json", b"[1]", "holds a JSON list"),
+]
+
+
+@pytest.mark.parametrize("file, content, fragment", DAMAGED, ids=["weights", "json", "list"])
+def test_a_damaged_adapter_is_a_400_and_a_one_line_error(
+    server, file, content, fragment, capsys, tmp_path
+):
+    """Loading it at runtime was a 500; `generate` and `serve` tracebacks."""
+    name = f"damaged-{len(content)}"
+    damaged = server.adapters_dir / name
+    shutil.copytree(server.adapters_dir / "extra", damaged)
+    (damaged / file).write_bytes(content)
+    body = json.dumps({"name": name}).encode()
+    status, reply = post(f"{server.url}/v1/adapters", body, key=ADMIN_KEY)
+    assert status == 400 and f"{file} {fragment}" in reply["error"]["message"], reply
+    assert name not in server.engine.names()
+    for argv in (
+        ["generate", "--model", EMBEDDED_MODEL, "--adapter", str(damaged), "hi"],
+        ["serve", "--model", EMBEDDED_MODEL, "--adapter", f"d={damaged}"],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("tuneoff: error:") == 1 and f"{file} {fragment}" in err, err
+    shutil.rmtree(damaged)  # the adapters dir is the server's, shared by other tests
+
+
+def test_an_adapter_of_another_base_says_what_does_not_fit(adapters, tiny_model_dir):
+    """The message stopped at torch's heading "Error(s) in loading state_dict for ...:"."""
+    engine = Engine(str(tiny_model_dir), device="cpu")  # hidden size 32, the adapters' 128
+    with pytest.raises(ModelError, match=r"does not fit this base: Error.*: size mismatch for"):
+        engine.load_adapter("sql", adapters["sql"])
 
 
 def test_admin_endpoints_do_not_exist_without_a_key(server):
@@ -325,6 +383,19 @@ def test_serve_command_line(adapters, tmp_path, monkeypatch, capsys):
     ):
         assert main(["serve", "--model", EMBEDDED_MODEL, *bad]) == 2
         assert fragment in capsys.readouterr().err
+
+
+def test_a_full_arm_is_served_by_the_name_given(adapters, tmp_path, monkeypatch):
+    """`--model runs/x/full` is named `full` (README: "--model as given, a local directory by
+    its name"), not `model`, the directory inside the arm that holds the weights."""
+    import tuneoff.serve
+
+    seen = {}
+    monkeypatch.setattr(tuneoff.serve, "serve", lambda *a: seen.update(args=a))
+    shutil.copytree(TINY_MODEL_DIR, tmp_path / "full" / "model")
+    argv = ["serve", "--model", str(tmp_path / "full"), "--adapter", f"sql={adapters['sql']}"]
+    assert main([*argv, "--device", "cpu"]) == 0
+    assert seen["args"][0].names() == ["full", "sql"]
 
 
 def test_serve_without_the_serve_extra_is_a_one_line_error(monkeypatch, capsys):

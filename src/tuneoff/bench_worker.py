@@ -333,14 +333,23 @@ def trl_worker(spec: dict[str, Any]) -> dict[str, Any]:
     args = trl_args(trl, cfg, spec["work_dir"], warmup + steps, device, bf16)
     lora = lora_config(cfg)
 
+    clock = measure.StepClock(device)
+    started: list[float] = []  # when the first timed step began to fetch its batches
+    ends: list[float] = []
+
     class InOrder(trl.SFTTrainer):
         """SFTTrainer reading the examples in file order, so its batches equal the other arms'."""
 
         def _get_train_sampler(self, *args, **kwargs):
             return torch.utils.data.SequentialSampler(self.train_dataset)
 
-    clock = measure.StepClock(device)
-    ends: list[float] = []
+        def get_batch_samples(self, *args, **kwargs):
+            # the clock starts before the first timed step takes its batches, as tuneoff's arms'
+            # does (at step `warmup`, before `next(loader)`): with no warm-up steps too
+            if self.state.global_step == warmup and not started:
+                _sync(device)
+                started.append(time.perf_counter())
+            return super().get_batch_samples(*args, **kwargs)
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -374,10 +383,9 @@ def trl_worker(spec: dict[str, Any]) -> dict[str, Any]:
     )
     measure.reset_peak_memory(device)
     trainer.train()
-    elapsed = ends[-1] - ends[warmup - 1] if warmup else ends[-1] - ends[0]
-    measured_steps = steps if warmup else steps - 1
-    measured = shapes[-measured_steps * cfg.grad_accum :]
-    used = data[-measured_steps * per_step :]
+    elapsed = ends[-1] - started[0]
+    measured = shapes[-steps * cfg.grad_accum :]
+    used = data[-steps * per_step :]
     lora_params = count_parameters(trainer.model)["trainable"]
     flops = model_flops(used, shape, False, lora_params)
     return {

@@ -344,8 +344,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from tuneoff.engine import choose_device
     from tuneoff.merge import check_merge_options, format_merge, merge_adapter
 
-    out = Path(args.out)
-    check_merge_options(out, args.overwrite, args.examples, args.tolerance)
+    out = check_merge_options(args.out, args.overwrite, args.examples, args.tolerance)
     device = choose_device(args.device)[0]
     print(f"tuneoff merge: {args.source} -> {out} (checking on {device})", flush=True)
     quantized = True if args.base_4bit else None  # None: as the arm's method says
@@ -358,10 +357,20 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from tuneoff.engine import Engine, generation_model, generation_prompt_ids, generation_sampling
+    from tuneoff.engine import (
+        Engine,
+        check_generation_text,
+        generation_model,
+        generation_prompt_ids,
+        generation_sampling,
+    )
 
     model, adapters = generation_model(args.model, args.adapter)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    try:
+        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    except UnicodeDecodeError as err:  # a strict stdin; else the bytes become lone surrogates
+        raise UsageError(f"stdin is not {err.encoding} text ({err}): pass UTF-8 text") from None
+    check_generation_text(prompt, args.system)  # before a model is loaded
     sampling = generation_sampling(
         args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed
     )
@@ -390,14 +399,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if err.name not in ("fastapi", "uvicorn", "starlette", "pydantic"):
             raise
         raise UsageError(f"tuneoff serve needs {err.name}: pip install 'tuneoff[serve]'") from None
-    from tuneoff.engine import Engine
+    from tuneoff.engine import Engine, model_name
 
     model, adapters, root = serve.served_models(args.model, args.adapter, args.adapters_dir)
+    # named by --model as given: a full arm's directory (runs/x/full), not the model inside it
+    base_name = args.base_name or (model_name(args.model) if args.model else None)
     limits = serve.server_limits(
         args.max_tokens_cap, args.max_prompt_tokens, args.max_body_bytes, args.port
     )
     admin_key = os.environ.get("TUNEOFF_ADMIN_KEY") or None
-    engine = Engine(model, adapters, args.device, args.dtype, base_name=args.base_name)
+    engine = Engine(model, adapters, args.device, args.dtype, base_name=base_name)
     print(serve.banner(engine, args.host, args.port, admin_key))
     serve.serve(engine, args.host, args.port, limits, admin_key, root)
     return 0

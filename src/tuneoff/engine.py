@@ -13,6 +13,8 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
+import os
 import re
 import threading
 from collections import Counter
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SEEDS = range(-(2**63), 2**64)  # what torch.Generator.manual_seed accepts
 
 
 class UnknownModel(KeyError):
@@ -86,13 +89,67 @@ def find_adapter_dir(path: Path) -> Path:
 
 
 def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    path = adapter_dir / "adapter_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelError(
+            f"{path} is not valid JSON ({err}): restore it, or save the adapter again"
+        ) from None
+    if not isinstance(config, dict):
+        raise ModelError(
+            f"{path} holds a JSON {type(config).__name__}, not an object of LoRA settings: "
+            "restore it, or save the adapter again"
+        )
     if config.get("peft_type") != "LORA":
         raise ModelError(
             f"adapter {adapter_dir}: peft_type {config.get('peft_type')!r}; only LoRA adapters "
             "can be merged or served"
         )
     return config
+
+
+def check_adapter(adapter_dir: Path) -> dict[str, Any]:
+    """The adapter's config, after checking that its weights file is readable safetensors (its
+    header and size, without loading a tensor), so that a damaged adapter is a ModelError naming
+    the file before any model is loaded."""
+    from safetensors import SafetensorError, safe_open
+
+    config = read_adapter_config(adapter_dir)
+    path = adapter_dir / "adapter_model.safetensors"
+    try:
+        with safe_open(path, framework="pt") as weights:
+            weights.keys()
+    except SafetensorError as err:
+        raise ModelError(
+            f"{path} is not a readable safetensors file ({error_detail(err)}): restore it, or "
+            "train the adapter again"
+        ) from None
+    return config
+
+
+def error_detail(err: BaseException, width: int = 300) -> str:
+    """An exception's message on one line: its first line, and when that only announces a list
+    (torch's "Error(s) in loading state_dict for X:"), the first item of the list too."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    if lines[0].endswith(":") and len(lines) > 1:
+        return f"{lines[0]} {lines[1]}"[:width]
+    return lines[0][:width]
+
+
+def unicode_problem(text: str) -> str | None:
+    """Why `text` cannot be tokenized, or None: a lone surrogate, which is what a JSON escape
+    like "\\ud800" or a non-UTF-8 byte (argv and stdin decode with surrogateescape) becomes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        code = ord(text[err.start])
+        byte = f", the non-UTF-8 byte 0x{code - 0xDC00:02X}" if 0xDC80 <= code <= 0xDCFF else ""
+        where = f"at character {err.start}"
+        return f"not valid Unicode text (a lone surrogate U+{code:04X}{byte}, {where})"
+    return None
 
 
 def arm_config(adapter_dir: Path) -> dict[str, Any]:
@@ -118,6 +175,12 @@ def arm_model(model: str | None) -> str | None:
     if model and not Path(model, "config.json").is_file() and Path(model, "model").is_dir():
         return str(Path(model, "model"))
     return model
+
+
+def model_name(model: str) -> str:
+    """The name a model is served under: a local directory by its name (of `.` too), never its
+    path; a hub id as given."""
+    return Path(os.path.abspath(model)).name if Path(model).is_dir() else model
 
 
 def adapter_in_dir(root: Path, relative: str) -> Path:
@@ -211,8 +274,7 @@ class Engine:
 
         check_model(model)
         self.device, self.dtype = choose_device(device, dtype)
-        # a local directory is served under its name, never its path
-        self.base_name = base_name or (Path(model).name if Path(model).is_dir() else model)
+        self.base_name = base_name or model_name(model)
         self.steps_per_turn = steps_per_turn
         self.tokenizer = load_tokenizer(model)
         self.model = AutoModelForCausalLM.from_pretrained(
@@ -251,7 +313,7 @@ class Engine:
         if name == self.base_name or name in self.adapters:
             raise ModelError(f"adapter name {name!r} is already served; choose another name")
         adapter_dir = find_adapter_dir(Path(path))
-        read_adapter_config(adapter_dir)
+        check_adapter(adapter_dir)
         with self._lock:
             try:
                 if isinstance(self.model, PeftModel):
@@ -261,8 +323,9 @@ class Engine:
                         self.model, adapter_dir, adapter_name=name, is_trainable=False
                     )
             except (RuntimeError, ValueError, KeyError) as err:  # shapes or modules of another base
-                first = (str(err).splitlines() or [type(err).__name__])[0][:200]
-                raise ModelError(f"adapter {adapter_dir} does not fit this base: {first}") from None
+                raise ModelError(
+                    f"adapter {adapter_dir} does not fit this base: {error_detail(err)}"
+                ) from None
             self.model.eval()
             self.adapters[name] = adapter_dir
             self._current = None
@@ -399,6 +462,8 @@ def generation_model(model: str | None, adapter: str | None) -> tuple[str, dict[
     """The base model of `tuneoff generate` (--model, else the adapter's base) and its adapter,
     named "adapter"."""
     adapters = {"adapter": find_adapter_dir(Path(adapter))} if adapter else {}
+    for adapter_dir in adapters.values():  # before a model is loaded
+        check_adapter(adapter_dir)
     model = arm_model(model) or (base_model_of(adapters["adapter"]) if adapters else None)
     if not model:
         raise UsageError("pass --model (the base model), --adapter, or both")
@@ -408,10 +473,16 @@ def generation_model(model: str | None, adapter: str | None) -> tuple[str, dict[
 def generation_sampling(
     max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None
 ) -> Sampling:
-    if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
-        raise UsageError("need --max-new-tokens >= 1, --temperature >= 0, 0 < --top-p <= 1")
+    if max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens {max_new_tokens}: must be >= 1")
+    if not 0 <= temperature < math.inf:  # written so that NaN fails (NaN compares false)
+        raise UsageError(f"--temperature {temperature}: must be a finite number >= 0 (0: greedy)")
+    if not 0 < top_p <= 1:
+        raise UsageError(f"--top-p {top_p}: must be above 0 and at most 1")
     if top_k < 0:
         raise UsageError(f"--top-k {top_k}: must be >= 0 (0: no top-k cut)")
+    if seed is not None and seed not in SEEDS:
+        raise UsageError(f"--seed {seed}: must be from -2**63 to 2**64-1")
     return Sampling(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -421,11 +492,22 @@ def generation_sampling(
     )
 
 
+def check_generation_text(prompt: str, system: str | None) -> None:
+    """The prompt and system message of `tuneoff generate` as text a tokenizer can encode."""
+    for what, text in (("the prompt", prompt), ("--system", system or "")):
+        problem = unicode_problem(text)
+        if problem:
+            raise UsageError(f"{what} is {problem}: pass UTF-8 text")
+
+
 def generation_prompt_ids(engine: Engine, prompt: str, system: str | None, raw: bool) -> list[int]:
     """The prompt as is (`raw`) or in the chat template after an optional system message."""
+    check_generation_text(prompt, system)
     messages = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": prompt})
     ids = engine.text_ids(prompt) if raw else engine.chat_prompt_ids(messages)
+    if not ids:
+        raise UsageError("the prompt is empty (--raw adds no template): pass some text")
     if len(ids) >= engine.context:  # as serve refuses it (prompt_too_long)
         raise UsageError(
             f"the prompt has {len(ids)} tokens, at or over the model's context of "

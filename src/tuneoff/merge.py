@@ -13,8 +13,10 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import shutil
 import statistics
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +27,9 @@ from tuneoff.engine import (
     DTYPES,
     arm_config,
     base_model_of,
+    check_adapter,
+    error_detail,
     find_adapter_dir,
-    read_adapter_config,
 )
 from tuneoff.model import ModelError, check_model, load_tokenizer, resolve_model_path
 from tuneoff.runs import UsageError, check_not_a_file
@@ -147,8 +150,9 @@ def with_adapter(base: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
     try:
         return PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as err:
-        first = (str(err).splitlines() or [type(err).__name__])[0][:200]
-        raise ModelError(f"adapter {adapter_dir} does not fit this base model: {first}") from None
+        raise ModelError(
+            f"adapter {adapter_dir} does not fit this base model: {error_detail(err)}"
+        ) from None
 
 
 def _free() -> None:
@@ -161,10 +165,15 @@ def _free() -> None:
 # --------------------------------------------------------------------------- merge
 
 
-def check_merge_options(out: Path, overwrite: bool, examples: int, tolerance: float) -> None:
-    """`tuneoff merge`'s options, before any model is loaded: `out` may replace only an earlier
-    merge output, and only with --overwrite. A bad option is a one-line UsageError."""
+def check_merge_options(out: str, overwrite: bool, examples: int, tolerance: float) -> Path:
+    """`tuneoff merge`'s options, before any model is loaded: `out` must be a directory that can
+    be created, and may replace only an earlier merge output, only with --overwrite. Returns
+    `out` as a Path; a bad option is a one-line UsageError."""
+    if not out:  # Path("") is the current directory
+        raise UsageError("--out is empty: pass the directory to write the merged model to")
+    out = Path(out)
     check_not_a_file(out, "--out")
+    check_creatable(out.parent, out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise UsageError(f"{out} already exists: pass --overwrite or choose another --out")
@@ -175,6 +184,20 @@ def check_merge_options(out: Path, overwrite: bool, examples: int, tolerance: fl
             )
     if examples < 1 or not tolerance > 0:
         raise UsageError("--examples must be >= 1 and --tolerance above 0")
+    return out
+
+
+def check_creatable(directory: Path, out: Path) -> None:
+    """Can directories be made in `directory` (where `<out>.partial` goes)? Tried, with an
+    empty directory made and removed at once in its nearest existing ancestor, since os.access
+    says yes to root where nothing can be made (/proc, a read-only mount)."""
+    existing = next(p for p in (directory.absolute(), *directory.absolute().parents) if p.exists())
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".tuneoff-merge-check-", dir=existing))
+    except OSError as err:
+        raise UsageError(
+            f"--out {out}: cannot be created ({err.strerror}); choose a writable place"
+        ) from None
 
 
 def merge_adapter(
@@ -193,7 +216,7 @@ def merge_adapter(
     a weight is not finite, or the written model reads back different. `quantized` (default:
     the arm's method is qlora) merges onto the dequantized 4-bit base."""
     adapter_dir = find_adapter_dir(source)
-    read_adapter_config(adapter_dir)
+    check_adapter(adapter_dir)
     base = model or base_model_of(adapter_dir)
     check_model(base)
     if quantized is None:
@@ -288,7 +311,12 @@ def _claim_partial(directory: Path) -> None:
                 "there first; move it or choose another --out"
             )
         shutil.rmtree(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # checked before loading, but the file system may have changed
+        raise UsageError(
+            f"--out: {directory} cannot be created ({err.strerror}); choose a writable place"
+        ) from None
     (directory / PARTIAL).write_text("")
 
 

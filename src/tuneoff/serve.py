@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tuneoff.engine import (
+    SEEDS,
     Delta,
     Engine,
     Sampling,
@@ -33,9 +34,11 @@ from tuneoff.engine import (
     adapter_in_dir,
     arm_model,
     base_model_of,
+    check_adapter,
     check_adapter_name,
     find_adapter_dir,
     scan_adapters_dir,
+    unicode_problem,
 )
 from tuneoff.model import ModelError
 from tuneoff.runs import UsageError
@@ -66,10 +69,10 @@ class _Request(BaseModel):
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEEDS.start, le=SEEDS.stop - 1)
     stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False
@@ -118,9 +121,31 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ApiError(400, f"malformed JSON body: {err}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the JSON body nests too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the JSON body must be an object", code="invalid_json")
+    check_text(data)
     return data
+
+
+def check_text(data: Any) -> None:
+    """Refuse a string anywhere in the body that is not valid Unicode: JSON may escape a lone
+    surrogate ("\\ud800"), which no tokenizer can encode. Walked without recursion, as deep as
+    json.loads nests."""
+    stack = [("", data)]
+    while stack:
+        where, value = stack.pop()
+        texts = [value] if isinstance(value, str) else []
+        texts += list(value) if isinstance(value, dict) else []  # keys, named by their object
+        for text in texts:
+            problem = unicode_problem(text)
+            if problem:
+                raise ApiError(400, f"{where or 'body'}: {problem}", where or None, "invalid_value")
+        if isinstance(value, dict):
+            stack += [(f"{where}.{k}" if where else k, v) for k, v in reversed(value.items())]
+        elif isinstance(value, list):
+            stack += [(f"{where}.{i}", v) for i, v in reversed(list(enumerate(value)))]
 
 
 def parse(schema: type[BaseModel], data: dict[str, Any]) -> Any:
@@ -409,6 +434,7 @@ def _adapter_args(items: list[str]) -> dict[str, Path]:
         if name in adapters:
             raise UsageError(f"--adapter {name!r} given twice: choose distinct names")
         adapters[check_adapter_name(name)] = find_adapter_dir(Path(path))
+        check_adapter(adapters[name])  # before a model is loaded
     return adapters
 
 
