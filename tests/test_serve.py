@@ -26,15 +26,10 @@ openai = pytest.importorskip("openai")
 
 from tiny_adapters import PROMPTS, train_adapter  # noqa: E402
 
+from tuneoff.adapters import adapter_in_dir, scan_adapters_dir  # noqa: E402
 from tuneoff.cli import main  # noqa: E402
 from tuneoff.embedded import TINY_MODEL_DIR  # noqa: E402
-from tuneoff.engine import (  # noqa: E402
-    Engine,
-    Sampling,
-    UnknownModel,
-    adapter_in_dir,
-    scan_adapters_dir,
-)
+from tuneoff.engine import Engine, Sampling, UnknownModel  # noqa: E402
 from tuneoff.model import EMBEDDED_MODEL, ModelError  # noqa: E402
 from tuneoff.serve import Limits, create_app  # noqa: E402
 

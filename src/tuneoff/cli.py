@@ -359,18 +359,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from tuneoff.engine import (
         Engine,
-        check_generation_text,
         generation_model,
         generation_prompt_ids,
         generation_sampling,
+        generation_text,
     )
 
     model, adapters = generation_model(args.model, args.adapter)
-    try:
-        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    except UnicodeDecodeError as err:  # a strict stdin; else the bytes become lone surrogates
-        raise UsageError(f"stdin is not {err.encoding} text ({err}): pass UTF-8 text") from None
-    check_generation_text(prompt, args.system)  # before a model is loaded
+    prompt = generation_text(args.prompt, args.system)
     sampling = generation_sampling(
         args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed
     )
@@ -399,11 +395,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if err.name not in ("fastapi", "uvicorn", "starlette", "pydantic"):
             raise
         raise UsageError(f"tuneoff serve needs {err.name}: pip install 'tuneoff[serve]'") from None
-    from tuneoff.engine import Engine, model_name
+    from tuneoff.adapters import model_name
+    from tuneoff.engine import Engine
 
     model, adapters, root = serve.served_models(args.model, args.adapter, args.adapters_dir)
-    # named by --model as given: a full arm's directory (runs/x/full), not the model inside it
-    base_name = args.base_name or (model_name(args.model) if args.model else None)
+    base_name = args.base_name or (args.model and model_name(args.model))  # runs/x/full: full
     limits = serve.server_limits(
         args.max_tokens_cap, args.max_prompt_tokens, args.max_body_bytes, args.port
     )

@@ -22,15 +22,15 @@ from typing import Any
 
 import torch
 
-from tuneoff.checkpoint import share_like_other_files
-from tuneoff.engine import (
-    DTYPES,
+from tuneoff.adapters import (
     arm_config,
     base_model_of,
     check_adapter,
     error_detail,
     find_adapter_dir,
 )
+from tuneoff.checkpoint import share_like_other_files
+from tuneoff.engine import DTYPES
 from tuneoff.model import ModelError, check_model, load_tokenizer, resolve_model_path
 from tuneoff.runs import UsageError, check_not_a_file
 

@@ -25,12 +25,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tuneoff.engine import (
-    SEEDS,
-    Delta,
-    Engine,
-    Sampling,
-    UnknownModel,
+from tuneoff.adapters import (
     adapter_in_dir,
     arm_model,
     base_model_of,
@@ -38,8 +33,8 @@ from tuneoff.engine import (
     check_adapter_name,
     find_adapter_dir,
     scan_adapters_dir,
-    unicode_problem,
 )
+from tuneoff.engine import SEEDS, Delta, Engine, Sampling, UnknownModel, unicode_problem
 from tuneoff.model import ModelError
 from tuneoff.runs import UsageError
 
