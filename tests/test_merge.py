@@ -133,6 +133,22 @@ def test_a_damaged_adapter_is_a_one_line_error(name, content, fragment, run_dir,
 
 
 @pytest.mark.parametrize(
+    "change, fragment",
+    [({"r": "x"}, "'r' is 'x'"), ({"lora_alpha": [1]}, "'lora_alpha' is [1]"),
+     ({"target_modules": 5}, "'target_modules' is 5")],
+)  # fmt: skip
+def test_lora_settings_of_the_wrong_type_are_one_line(change, fragment, run_dir, tmp_path, capsys):
+    """peft reads them unchecked: a TypeError deep in building the model, before."""
+    arm = tmp_path / "lora"
+    shutil.copytree(run_dir / "lora", arm)
+    config = arm / "adapter" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **change}))
+    assert main(["merge", str(arm), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("tuneoff: error:") == 1 and fragment in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
     "out, fragment",
     [("", "--out is empty"), ("/proc/tuneoff-merge/out", "cannot be created")],
 )

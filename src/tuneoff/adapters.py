@@ -63,7 +63,33 @@ def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
             f"adapter {adapter_dir}: peft_type {config.get('peft_type')!r}; only LoRA adapters "
             "can be merged or served"
         )
+    problem = _lora_settings_problem(config)
+    if problem:  # peft does not check types: it would fail later, deep in building the model
+        raise ModelError(f"{path}: {problem}: restore it, or save the adapter again")
     return config
+
+
+def _lora_settings_problem(config: dict[str, Any]) -> str | None:
+    """What makes a LoRA config unusable: a rank, scale or dropout that is not a number in
+    range, or target modules that are not module names."""
+
+    def number(key: str) -> bool:
+        value = config.get(key)
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    if (
+        not (isinstance(config.get("r"), int) and not isinstance(config["r"], bool))
+        or config["r"] < 1
+    ):
+        return f"'r' is {config.get('r')!r}, not a rank >= 1"
+    for key in ("lora_alpha", "lora_dropout"):
+        if key in config and not number(key):
+            return f"{key!r} is {config[key]!r}, not a number"
+    targets = config.get("target_modules")
+    names = [targets] if isinstance(targets, str) else targets
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        return f"'target_modules' is {targets!r}, not module names"
+    return None
 
 
 def check_adapter(adapter_dir: Path) -> dict[str, Any]:
