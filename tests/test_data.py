@@ -280,6 +280,7 @@ def test_bad_conversations_give_one_line_errors(tmp_path, row, fragment):
         ("cols.jsonl", '{"question": "a", "answer": "b"}\n', "expected instruction/input/output"),
         ("empty.jsonl", "\n", "no records"),
         ("nulls.jsonl", '{"instruction": "a", "output": null}\n', "no text in column 'output'"),
+        ("ints.jsonl", '{"instruction": 1, "output": "b"}\n', "has int '1', not text, in column"),
         ("list.json", '{"a": 1, "b": 2}', "expected a JSON list"),
         ("data.txt", "hello", "unsupported type"),
     ],

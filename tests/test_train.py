@@ -210,7 +210,8 @@ def test_a_resume_keeps_the_arms_settings_and_a_failed_one_loses_nothing(
     """--resume with another lr is refused (only --max-steps, evaluation and logging may
     change); a --resume that fails on bad input leaves a finished arm's summary as it was."""
     args = ["train", "--method", "lora", "--model", str(tiny_model_dir), "--dataset",
-            str(alpaca_file), "--no-report", "batch_size=8", "gen_examples=0"]  # fmt: skip
+            str(alpaca_file), "--no-report", "batch_size=8", "gen_examples=0",
+            "epochs=1"]  # fmt: skip
     cut = tmp_path / "cut"
     assert main([*args, "--output-dir", str(cut), "--max-steps", "2"]) == 0
     config = (cut / "lora" / "config.yaml").read_text()

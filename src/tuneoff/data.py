@@ -184,9 +184,12 @@ def check_schema(records: list[dict], source: str) -> str:
                 raise DataError(f"dataset {source}: record {i}: {problem}; fix or remove it")
             continue
         for key in SCHEMAS[kind]:
-            if not isinstance(record.get(key), str):
+            value = record.get(key)
+            if not isinstance(value, str):
+                what = f"{type(value).__name__} {str(value)[:40]!r}, not text,"
+                what = "no text" if value is None else what
                 raise DataError(
-                    f"dataset {source}: record {i} has no text in column {key!r}; fix or remove it"
+                    f"dataset {source}: record {i} has {what} in column {key!r}; fix or remove it"
                 )
     return kind
 
