@@ -47,6 +47,10 @@ import torch
 from tuneoff.config import Config, ConfigError
 from tuneoff.model import Runtime
 
+# plan imports this module inside its functions only: no import cycle
+from tuneoff.plan import Prediction, _bytes, _nf4_bytes, _optimizer_bytes, predict
+from tuneoff.plan import _params as plan_params
+
 KINDS = ("ddp", "fsdp2", "zero1", "zero2", "zero3")
 
 
@@ -111,10 +115,6 @@ def check_sharding(cfg: Config, sharding: Sharding) -> None:
         raise ConfigError("optimizer=adamw8bit does not run under FSDP2: use adamw or adamw_lean")
 
 
-def _bytes(dtype: torch.dtype) -> int:
-    return torch.finfo(dtype).bits // 8
-
-
 def _half(runtime: Runtime) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(runtime.precision)
 
@@ -122,7 +122,6 @@ def _half(runtime: Runtime) -> torch.dtype | None:
 def _params(arch_config: Any, cfg: Config, runtime: Runtime) -> tuple[list[dict], int, int]:
     """Each parameter of the prepared model (name, shape, numel, one-process dtype, trainable,
     4-bit, unit: the fully_shard unit it belongs to), its buffers' bytes, and hidden size."""
-    from tuneoff.plan import _params as plan_params
     from tuneoff.trace import meta_model
 
     traced = cfg.replace(method="lora" if cfg.method == "qlora" else cfg.method)
@@ -149,22 +148,14 @@ def _params(arch_config: Any, cfg: Config, runtime: Runtime) -> tuple[list[dict]
     return out, buffers, getattr(arch_config, "hidden_size", 0)
 
 
-def _nf4(numel: int) -> int:
-    from tuneoff.plan import _nf4_bytes
-
-    return _nf4_bytes(numel)
-
-
 def _fsdp2(params: list[dict], n: int, cfg: Config, runtime: Runtime) -> dict[str, int]:
-    from tuneoff.plan import _optimizer_bytes
-
     half = _half(runtime)
     weights = grads = optimizer = 0
     gathered: dict[str, int] = {}
     reduce: dict[str, int] = {}
     for p in params:
         if p["quantized"]:  # excluded from sharding (ignored_params): whole on every process
-            weights += _nf4(p["numel"])
+            weights += _nf4_bytes(p["numel"])
             continue
         dtype = torch.float32 if p["trainable"] and half else p["dtype"]  # Accelerate upcasts
         rows = p["shape"][0] if p["shape"] else 1
@@ -197,7 +188,7 @@ def _zero12(params: list[dict], n: int, stage: int, runtime: Runtime, bucket: in
     for p in params:
         dtype = half or p["dtype"]  # the engine casts the module to bf16/fp16
         if p["quantized"]:
-            weights += _nf4(p["numel"])
+            weights += _nf4_bytes(p["numel"])
         elif p["trainable"]:
             trainable.append(p["numel"])
         else:
@@ -269,8 +260,6 @@ def predict_sharded(
 ):
     """`plan.predict`'s per-process prediction for `cfg` trained over `sharding.processes`
     processes: what one process holds by component, and its three phases."""
-    from tuneoff.plan import Prediction, predict
-
     check_sharding(cfg, sharding)
     one = predict(cfg, arch_config, runtime, both_checkpointing)
     params, buffers, _ = _params(arch_config, cfg, runtime)
@@ -318,8 +307,6 @@ def predict_for(
     both_checkpointing: bool = True,
 ):
     """One process's prediction (`plan.predict`), or per process under `sharding`."""
-    from tuneoff.plan import predict
-
     if sharding is None:
         return predict(cfg, arch_config, runtime, both_checkpointing)
     return predict_sharded(cfg, arch_config, runtime, sharding, both_checkpointing)
